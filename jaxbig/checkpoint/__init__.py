@@ -1,0 +1,28 @@
+"""Checkpoints with orbax-checkpoint's CheckpointManager: the train state, saved async, restored sharded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+
+def checkpoint_manager(run_dir: str | Path, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """Manager over `<run_dir>/checkpoints/<step>/`; saves are asynchronous and committed atomically."""
+    directory = Path(run_dir).resolve() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+    manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))

@@ -1,0 +1,38 @@
+"""Command-line flags shared by the scripts: --config, --set, --mesh and the common shortcuts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxbig.config import Config, load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/small.yaml (default: the tiny defaults)")
+    parser.add_argument("--mesh", default=None, help="4x2 (data x tensor) or data=2,fsdp=2,tensor=2; -1 fills the rest (default: data=-1)")
+    parser.add_argument("--steps", type=int, default=None, help="train.steps")
+    parser.add_argument("--run_dir", default=None, help="train.run_dir")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field, e.g. --set model.num_layers=8 (repeatable)"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The config and the mesh spec as the user wrote it (for error messages)."""
+    from jaxbig.parallel.mesh import parse_mesh_spec
+
+    overrides = list(args.set)
+    for flag, key in (("steps", "train.steps"), ("run_dir", "train.run_dir"), ("seed", "train.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.mesh is not None:
+        overrides += [f"mesh.{axis}={size}" for axis, size in parse_mesh_spec(args.mesh).items()]
+    return load_config(args.config, overrides), args.mesh
+
+
+def fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2

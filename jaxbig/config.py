@@ -1,0 +1,327 @@
+"""Typed, frozen run configuration: the single source of truth.
+
+A run is described by `Config`, a tree of keyword-only frozen dataclasses. Presets in
+`configs/*.yaml` and command-line overrides (`--set model.num_layers=8`) are applied on
+top of the dataclass defaults (which are the `tiny` preset). Every value is type-checked,
+and the invariants that tie fields together are checked in `__post_init__` with the
+numbers in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the fix."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder. Letters: D d_model, L layers, H heads, K head_dim, F d_ff, V vocab."""
+
+    vocab_size: int = 256  # V; 256 for the byte-level tokenizer
+    d_model: int = 128  # D, width of the residual stream
+    num_layers: int = 4  # L, stacked and scanned
+    num_heads: int = 4  # H, query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention when < num_heads)
+    head_dim: int = 32  # K, per-head width
+    d_ff: int = 512  # F, SwiGLU hidden width
+    max_seq_len: int = 256  # longest sequence the RoPE tables and KV cache cover
+    rope_theta: float = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the output projection
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    param_dtype: str = "float32"  # storage dtype of the params
+    remat: str = "none"  # activation checkpointing per layer: none, full or dots
+    init_std: float = 0.02  # std of the normal init of every weight matrix
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}; "
+            "grouped-query attention needs every KV head to serve the same number of query heads",
+        )
+        _require(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
+        _require(self.dtype in ("float32", "bfloat16"), f"model.dtype={self.dtype!r}: use float32 or bfloat16")
+        _require(self.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={self.param_dtype!r}: use float32 or bfloat16")
+        _require(self.remat in ("none", "full", "dots"), f"model.remat={self.remat!r}: use none, full or dots")
+        _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """Parameter count, from the shapes (no allocation)."""
+        D, F, L, H, KV, K, V = self.d_model, self.d_ff, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.vocab_size
+        per_layer = D * H * K + 2 * D * KV * K + H * K * D + 3 * D * F + 2 * D
+        n = L * per_layer + D  # final norm
+        n += V * D if include_embedding else 0
+        n += 0 if self.tie_embeddings else D * V
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N (matmul params, embedding lookup excluded) + causal attention.
+
+        The attention term is 12·L·T·H·K halved for the causal mask (6·L·T·H·K), as MaxText
+        and PaLM's appendix B count it; remat recomputation is not counted (this is model FLOPs).
+        """
+        n_matmul = self.num_params(include_embedding=False) - (2 * self.num_layers + 1) * self.d_model
+        if self.tie_embeddings:
+            n_matmul += self.vocab_size * self.d_model  # the tied table is still the logits matmul
+        return 6.0 * n_matmul + 6.0 * self.num_layers * seq_len * self.num_heads * self.head_dim
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 on one axis fills the remaining devices."""
+
+    data: int = -1  # pure data parallelism (params replicated)
+    fsdp: int = 1  # data parallelism with params and optimizer state sharded (ZeRO-3)
+    tensor: int = 1  # Megatron tensor parallelism over heads, mlp and vocab
+
+    def __post_init__(self):
+        sizes = self.sizes()
+        fills = [k for k, v in sizes.items() if v == -1]
+        _require(len(fills) <= 1, f"mesh: only one axis may be -1, got {', '.join(f'{k}=-1' for k in fills)}")
+        for k, v in sizes.items():
+            _require(v == -1 or v >= 1, f"mesh.{k}={v}: axis sizes are positive integers or -1 (fill)")
+
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The text corpus and how it is cut into training sequences."""
+
+    paths: tuple[str, ...] = ()  # text files or directories; empty = the Python standard library's source
+    seq_len: int = 128  # T, tokens per training sequence
+    val_fraction: float = 0.05  # share of files held out for validation (by a hash of the file path)
+    max_bytes: int = 0  # cap on the corpus size read (0 = no cap); files are taken in a fixed hashed order
+    shuffle: bool = True  # shuffle training windows (seeded by train.seed)
+    prefetch: int = 4  # batches prepared ahead of the step by grain's reader threads
+
+    def __post_init__(self):
+        _require(self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _require(self.max_bytes >= 0, f"data.max_bytes={self.max_bytes} must be >= 0 (0 = no cap)")
+        _require(self.prefetch >= 0, f"data.prefetch={self.prefetch} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (optax)."""
+
+    learning_rate: float = 3e-3  # peak learning rate
+    warmup_steps: int = 20  # linear warmup from 0 to the peak
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled; applied to matrices only, not norms
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+    def __post_init__(self):
+        _require(self.learning_rate > 0, f"optim.learning_rate={self.learning_rate} must be positive")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, f"optim.b1={self.b1}, optim.b2={self.b2} must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The loop: how long, how big, how often to log, evaluate and checkpoint."""
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # B, global sequences per step (split over data x fsdp)
+    seed: int = 0  # params init and data order
+    run_dir: str = "runs/tiny"  # metrics, TensorBoard events, checkpoints and the resolved config
+    log_every: int = 10  # console/JSONL/TensorBoard cadence in steps
+    eval_every: int = 50  # validation cadence in steps (also after the last step)
+    eval_batches: int = 4  # validation batches per evaluation
+    checkpoint_every: int = 100  # checkpoint cadence in steps (also after the last step); 0 = only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0")
+        _require(bool(self.run_dir), "train.run_dir must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+            f"lower data.seq_len or raise model.max_seq_len",
+        )
+        _require(
+            self.optim.warmup_steps <= self.train.steps,
+            f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}; "
+            "shorten the warmup or train longer",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"]["paths"] = list(d["data"]["paths"])
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Returns `value` converted to the field type `tp`, or raises a ConfigError naming both."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, (list, tuple)):
+            return tuple(_check_type(key, v, item_tp) for v in value)
+    else:  # pragma: no cover - a field type this parser does not know is a bug here
+        raise TypeError(f"unsupported config field type {tp} for {key}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {name}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], choices, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(prefix + c for c in choices)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in hints:
+            raise _unknown_key(key, list(hints))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; set its fields, e.g. {key}.{next(iter(_field_types(tp)))}=...")
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _check_type(key, v, tp)
+    return cls(**kwargs)
+
+
+def _set_nested(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`model.num_layers=8` -> ("model.num_layers", 8); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. model.num_layers=8")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML preset at `path`, then `section.key=value` overrides (each key once)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            presets = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+            raise ConfigError(f"config file {str(path)!r} not found; presets: {', '.join(presets) or 'none'}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    seen: set[str] = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in seen:
+            raise ConfigError(f"{key} is set twice on the command line; keep one")
+        seen.add(key)
+        _set_nested(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")
+
+
+def override_keys(config: Config) -> list[str]:
+    """All settable keys, `section.field`, for help texts."""
+    return sorted(_flatten(config.to_dict()))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "override_keys",
+    "parse_override",
+]

@@ -1,0 +1,187 @@
+"""A Llama-style decoder LM in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Shape letters (used in names and einsum strings everywhere in jaxbig):
+  B batch, T query length, S key length, D d_model, H query heads, N kv heads,
+  G query heads per kv head (H = N·G), K head dim, F d_ff, V vocab, L layers.
+
+Params are float32 (or `param_dtype`) and are cast to the compute `dtype` at use. Every
+param names its *logical* axes in `out_sharding` metadata; `jaxbig.parallel.rules` maps
+them to mesh axes. Layers are stacked on a leading `layers` axis and run under `lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbig.config import ModelConfig
+from jaxbig.parallel.rules import constrain
+
+KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
+
+_ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any, logical: tuple[str, ...]) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=logical)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype: Any):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+        self.eps = eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x32 = x_BTD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return x32.astype(x_BTD.dtype) * self.scale[...].astype(x_BTD.dtype)
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Llama/HF), computed in float32."""
+    K = x_BTHK.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # [K/2]
+    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BTk)[:, :, None, :], jnp.cos(angles_BTk)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, N, K, std, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std, cfg.param_dtype
+        self.wq_DHK = _param(rngs, (D, H, K), std, pd, ("embed", "heads", "head_dim"))
+        self.wk_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
+        self.wv_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
+        self.wo_HKD = _param(rngs, (H, K, D), std, pd, ("heads", "head_dim", "embed"))
+        self.rope_theta = cfg.rope_theta
+
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+        dt = x_BTD.dtype
+        q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...].astype(dt))
+        k_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...].astype(dt))
+        v_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, self.wv_DNK[...].astype(dt))
+        q_BTHK = constrain(rope(q_BTHK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_heads", None))
+        k_BTNK = constrain(rope(k_BTNK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+        if cache is None:
+            k_BSNK, v_BSNK, key_pos_BS = k_BTNK, v_BTNK, positions_BT
+        else:  # write this chunk at its position, then attend over the whole cache
+            start = positions_BT[0, 0]
+            k_BSNK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNK.astype(cache["k"].dtype), start, axis=1)
+            v_BSNK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNK.astype(cache["v"].dtype), start, axis=1)
+            cache = {"k": k_BSNK, "v": v_BSNK}
+            S = k_BSNK.shape[1]
+            key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (x_BTD.shape[0], S))
+            k_BSNK, v_BSNK = k_BSNK.astype(dt), v_BSNK.astype(dt)
+
+        B, T, H, K = q_BTHK.shape
+        N = k_BSNK.shape[2]
+        q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
+        logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK).astype(jnp.float32) * (K**-0.5)
+        causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
+        logits_BNGTS = jnp.where(causal_BTS[:, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
+        probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
+        out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
+        out_BTHK = out_BTNGK.reshape(B, T, H, K)
+        y_BTD = jnp.einsum("BTHK,HKD->BTD", out_BTHK, self.wo_HKD[...].astype(dt))
+        return y_BTD, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Column-parallel gate/up, row-parallel down."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, std, pd = cfg.d_model, cfg.d_ff, cfg.init_std, cfg.param_dtype
+        self.w_gate_DF = _param(rngs, (D, F), std, pd, ("embed", "mlp"))
+        self.w_up_DF = _param(rngs, (D, F), std, pd, ("embed", "mlp"))
+        self.w_down_FD = _param(rngs, (F, D), std, pd, ("mlp", "embed"))
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate_DF[...].astype(dt))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up_DF[...].astype(dt))
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+        return jnp.einsum("BTF,FD->BTD", h_BTF, self.w_down_FD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, _ACT_BTD), cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM. `__call__(tokens_BT) -> logits_BTV` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D, std, pd = cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.param_dtype
+        self.embed_VD = _param(rngs, (V, D), std, pd, ("vocab", "embed"))
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs.fork().split(cfg.num_layers))
+        self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
+        self.lm_head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), std, pd, ("embed", "vocab"))
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits for every position; with `cache`, also the cache updated at `positions_BT`."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt), _ACT_BTD)
+
+        graphdef, layers = nnx.split(self.blocks)
+
+        def body(x_BTD, layer):
+            params, layer_cache = layer
+            x_BTD, layer_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, layer_cache)
+            return x_BTD, layer_cache
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_BTD, new_cache = jax.lax.scan(body, x_BTD, (layers, cache))
+
+        x_BTD = self.final_norm(x_BTD)
+        head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dt)).astype(jnp.float32)
+        logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty KV cache for `max_len` positions."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"KV cache length {max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

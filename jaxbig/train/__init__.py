@@ -1,0 +1,1 @@
+"""Train state, steps, metrics and the loop."""

@@ -1,0 +1,210 @@
+"""The training loop, visible top to bottom: set up, then `for step in ...` with log/eval/checkpoint branches."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxbig import checkpoint
+from jaxbig.config import Config, ConfigError, config_from_dict
+from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
+from jaxbig.data.pipeline import batch_sharding, check_batch_divides
+from jaxbig.optim import build_optimizer
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.train import metrics as metrics_lib
+from jaxbig.train.state import init_train_state
+from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
+
+CONFIG_FILE = "config.yaml"
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
+    """Refuses to mix two different runs in one directory; `fresh` clears an old run first."""
+    if fresh and run_dir.exists():
+        for name in ("checkpoints", "tb", "metrics.jsonl", "summary.json", CONFIG_FILE):
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        import yaml
+
+        old = config_from_dict(yaml.safe_load(saved.read_text()))
+        if old.model != cfg.model:
+            diff = {k: (getattr(old.model, k), getattr(cfg.model, k)) for k in dataclasses.asdict(cfg.model) if getattr(old.model, k) != getattr(cfg.model, k)}
+            raise ConfigError(
+                f"run_dir {str(run_dir)!r} holds a run of a different model (changed: "
+                + ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + "); pass --fresh to start over there, or choose another --run_dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(cfg.to_yaml())
+
+
+def train(cfg: Config, *, mesh_spec: str | None = None, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Trains `cfg` and returns a summary: losses, throughput, MFU, compile time."""
+    t_start = time.perf_counter()
+    is_main = jax.process_index() == 0
+    run_dir = Path(cfg.train.run_dir)
+
+    # --- mesh, data, model and optimizer --------------------------------------------------------
+    mesh = make_mesh(cfg.mesh, spec=mesh_spec)
+    check_batch_divides(cfg.train.batch_size, mesh)
+    corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
+    if is_main:
+        _prepare_run_dir(cfg, run_dir, fresh)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    bsharding = batch_sharding(mesh, B, T)
+    peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
+
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        train_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, bsharding)
+        eval_step = jit_eval_step(make_eval_step(graphdef), shardings.params, bsharding)
+
+        manager = checkpoint.checkpoint_manager(run_dir, cfg.train.keep_checkpoints)
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            state = checkpoint.restore(manager, start, abstract)
+        val = eval_batches(corpus.val_BYTES, T, B, mesh, cfg.train.eval_batches)
+        writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)
+        flops_per_token = cfg.model.flops_per_token(T)
+        tokens_per_step = B * T
+        n_params = cfg.model.num_params()
+
+        say = tqdm.write if progress else print
+        if is_main:
+            say(
+                f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices | "
+                f"corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
+                f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
+            )
+        summary: dict[str, Any] = {"start_step": start, "num_params": n_params, "peak_flops": peak, "flops_per_token": flops_per_token}
+        if start >= cfg.train.steps:
+            summary["final_eval_loss"] = mean_loss(eval_step, state.params, val)
+            if is_main:
+                say(f"run_dir {run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); nothing to do. "
+                    "Use --steps N to train longer or --fresh to start over.")
+            manager.close()
+            writer.close()
+            return summary
+        if start:
+            say(f"resuming from the checkpoint at step {start}")
+
+        summary["initial_eval_loss"] = mean_loss(eval_step, state.params, val)
+        writer.write(start, {"eval_loss": summary["initial_eval_loss"]}, jsonl=False)
+        if is_main:
+            say(f"step {start:>6d} | eval_loss {summary['initial_eval_loss']:.4f}")
+
+        # --- the loop --------------------------------------------------------------------------
+        batches = train_batches(corpus.train_BYTES, T, B, mesh, seed=cfg.train.seed, shuffle=cfg.data.shuffle, start_step=start, prefetch=cfg.data.prefetch)
+        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True, unit="step")
+        clock = _Throughput(tokens_per_step, flops_per_token, peak)
+        pending = None  # (step, device metrics, host extras) of a logged step, fetched one step late
+        last_record: dict[str, float] = {}
+        for step in range(start + 1, cfg.train.steps + 1):
+            state, step_metrics = train_step(state, next(batches))
+            if step == start + 1:  # the first step compiles; throughput is timed from its end
+                jax.block_until_ready(step_metrics)
+                summary["first_step_s"] = time.perf_counter() - t_start
+                clock.mark(step)
+            if pending is not None:  # the previous logged step has finished by now (or soon)
+                last_record = _flush(pending, clock, writer, bar, say, is_main, manager)
+                pending = None
+            last = step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or last:
+                extras = {}
+                if step % cfg.train.eval_every == 0 or last:
+                    jax.block_until_ready(state)  # the step's own time counts; the eval's does not
+                    with clock.paused():
+                        extras["eval_loss"] = mean_loss(eval_step, state.params, val)
+                pending = (step, step_metrics, extras)
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or last:
+                jax.block_until_ready(state)
+                with clock.paused():
+                    checkpoint.save(manager, step, state)
+            bar.update(1)
+        if pending is not None:
+            last_record = _flush(pending, clock, writer, bar, say, is_main, manager)
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+    summary.update(
+        final_loss=last_record.get("loss"),
+        final_eval_loss=last_record.get("eval_loss"),
+        tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
+        mfu=float(np.median(clock.rates)) * flops_per_token / peak if clock.rates else None,
+        steps=cfg.train.steps,
+        wall_s=time.perf_counter() - t_start,
+    )
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        say(
+            f"done: eval_loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/token | "
+            f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {summary['mfu'] or 0:.3f} | "
+            f"first step {summary.get('first_step_s', 0):.1f}s | {summary['wall_s']:.0f}s total | checkpoints in {run_dir}/checkpoints"
+        )
+    return summary
+
+
+class _Throughput:
+    """Tokens/s between logged steps, excluding time spent in evals and checkpoint saves."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.rates: list[float] = []
+        self._step = self._t = None
+        self._excluded = 0.0
+
+    def mark(self, step: int) -> None:
+        self._step, self._t, self._excluded = step, time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        yield
+        self._excluded += time.perf_counter() - t
+
+    def measure(self, step: int) -> dict[str, float]:
+        """Rate over the steps since the last mark; call once `step` has finished."""
+        if self._step is None or step <= self._step:
+            return {}
+        rate = (step - self._step) * self.tokens_per_step / max(time.perf_counter() - self._t - self._excluded, 1e-9)
+        self.rates.append(rate)
+        self.mark(step)
+        return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
+
+
+def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, manager) -> dict[str, float]:
+    step, device_metrics, extras = pending
+    record = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not np.isfinite(record["loss"]):
+        raise FloatingPointError(
+            f"loss is {record['loss']} at step {step}; stopping. The last checkpoint is at step {manager.latest_step()}; "
+            "lower optim.learning_rate or raise optim.warmup_steps"
+        )
+    record.update(clock.measure(step))
+    record.update(extras)
+    writer.write(step, record)
+    if is_main:
+        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        say(metrics_lib.format_record(step, record))
+    return record
+
+
+__all__ = ["ByteTokenizer", "train"]

@@ -1,0 +1,72 @@
+"""Train state: initialised abstractly, given shardings by the rules, then materialised sharded."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxbig.config import ModelConfig
+from jaxbig.models import abstract_model, create_model
+from jaxbig.parallel.rules import tree_shardings
+
+Params = dict[str, Any]  # nested dict of arrays, as `nnx.to_pure_dict` gives it
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Params
+    opt_state: optax.OptState
+
+
+def logical_axes(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graphdef, abstract params, logical PartitionSpecs) with nothing allocated."""
+    graphdef, abstract = abstract_model(cfg)
+    return graphdef, nnx.to_pure_dict(abstract), nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+    _, abstract, logical = logical_axes(cfg)
+    return tree_shardings(logical, abstract, mesh)
+
+
+def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+    def init() -> TrainState:
+        params = nnx.to_pure_dict(nnx.state(create_model(cfg, seed), nnx.Param))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState) -> TrainState:
+    """Params by the logical rules; optimizer moments like their params; everything else replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = param_shardings(cfg, mesh)
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_state.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def init_train_state(
+    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[nnx.GraphDef, TrainState, TrainState, TrainState]:
+    """Returns (graphdef, state, shardings, abstract state carrying the shardings)."""
+    graphdef, _, _ = logical_axes(cfg)
+    init = make_init_fn(cfg, tx, seed)
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(cfg, tx, mesh, abstract)
+    state = jax.jit(init, out_shardings=shardings)()
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, state, shardings, abstract

@@ -1,0 +1,51 @@
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxbig.data.pipeline import Batch
+from jaxbig.train.state import Params, TrainState
+
+
+def loss_fn(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
+    """Mean next-token cross-entropy in nats per token."""
+    logits_BTV = nnx.merge(graphdef, params)(batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    def eval_step(params: Params, batch: Batch) -> jax.Array:
+        return loss_fn(params, graphdef, batch)
+
+    return eval_step
+
+
+def jit_train_step(train_step, state_shardings: TrainState, batch_sharding):
+    """Compiled once with explicit shardings; the incoming state's buffers are donated."""
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(eval_step, param_shardings: Params, batch_sharding):
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
+
+
+def mean_loss(eval_fn, params: Params, batches: list[Batch]) -> float:
+    losses = [eval_fn(params, b) for b in batches]
+    return float(jnp.mean(jnp.stack(losses)))
