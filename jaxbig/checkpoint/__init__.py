@@ -11,10 +11,11 @@ def checkpoint_manager(run_dir: str | Path, keep: int, *, read_only: bool = Fals
     """Manager over `<run_dir>/checkpoints/<step>/`; saves are asynchronous and committed atomically."""
     directory = Path(run_dir).resolve() / "checkpoints"
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=None if read_only else keep,
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
         read_only=read_only,
-        enable_async_checkpointing=True,
+        enable_async_checkpointing=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options)
 
