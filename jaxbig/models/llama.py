@@ -38,14 +38,15 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         x32 = x_BTD.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return x32.astype(x_BTD.dtype) * self.scale[...].astype(x_BTD.dtype)
+        scale_11D = self.scale[...].astype(x_BTD.dtype)[None, None, :]
+        return x32.astype(x_BTD.dtype) * scale_11D
 
 
 def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, rotate-half convention (Llama/HF), computed in float32."""
     K = x_BTHK.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # [K/2]
-    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
     sin, cos = jnp.sin(angles_BTk)[:, :, None, :], jnp.cos(angles_BTk)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

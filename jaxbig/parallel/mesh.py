@@ -51,7 +51,10 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         except ValueError:
             raise MeshError(usage) from None
         sizes.update(zip(_POSITIONAL, values))
-    MeshConfig(**sizes)  # validates: positive or a single -1
+    try:
+        MeshConfig(**sizes)  # validates: positive or a single -1
+    except ConfigError as e:
+        raise MeshError(f"--mesh {spec!r}: {e}") from None
     return sizes
 
 

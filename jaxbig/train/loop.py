@@ -52,8 +52,14 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
     saved.write_text(cfg.to_yaml())
 
 
-def train(cfg: Config, *, mesh_spec: str | None = None, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Trains `cfg` and returns a summary: losses, throughput, MFU, compile time."""
+def train(
+    cfg: Config, *, mesh_spec: str | None = None, fresh: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Trains `cfg` and returns a summary: losses, throughput, MFU, compile time.
+
+    `stop_after` ends this invocation after that step (checkpointed) as if the job were
+    interrupted there; running again resumes it.
+    """
     t_start = time.perf_counter()
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.train.run_dir)
@@ -117,7 +123,8 @@ def train(cfg: Config, *, mesh_spec: str | None = None, fresh: bool = False, pro
         clock = _Throughput(tokens_per_step, flops_per_token, peak)
         pending = None  # (step, device metrics, host extras) of a logged step, fetched one step late
         last_record: dict[str, float] = {}
-        for step in range(start + 1, cfg.train.steps + 1):
+        end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
+        for step in range(start + 1, end + 1):
             state, step_metrics = train_step(state, next(batches))
             if step == start + 1:  # the first step compiles; throughput is timed from its end
                 jax.block_until_ready(step_metrics)
@@ -126,7 +133,7 @@ def train(cfg: Config, *, mesh_spec: str | None = None, fresh: bool = False, pro
             if pending is not None:  # the previous logged step has finished by now (or soon)
                 last_record = _flush(pending, clock, writer, bar, say, is_main, manager)
                 pending = None
-            last = step == cfg.train.steps
+            last = step == end
             if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or last:
                 extras = {}
                 if step % cfg.train.eval_every == 0 or last:

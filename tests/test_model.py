@@ -1,0 +1,108 @@
+"""Model properties: causality by gradients, KV-cache decoding equals the full forward, dtypes, remat, tying."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxbig.config import ModelConfig
+from jaxbig.models import abstract_model, create_model
+from jaxbig.models.decode import generate, sample_logits
+from jaxbig.models.llama import init_cache
+
+CFG = ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
+
+
+def _tokens(B=2, T=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, 256, size=(B, T)), jnp.int32)
+
+
+def test_no_gradient_flows_from_future_tokens():
+    """d logits[t] / d embedding(token at s) is zero for every s > t and non-zero for s <= t."""
+    cfg = dataclasses.replace(CFG, vocab_size=256)
+    graphdef, params = nnx.split(create_model(cfg, 0))
+    T = 12
+    tokens_1T = jnp.arange(1, T + 1, dtype=jnp.int32)[None]  # token id i+1 appears only at position i
+
+    def logits_at(params, t):
+        return nnx.merge(graphdef, params)(tokens_1T)[0, t].sum()
+
+    for t in (0, 5, T - 1):
+        g_VD = jax.grad(logits_at)(params, t)["embed_VD"][...]
+        row_norms_T = jnp.abs(g_VD[1 : T + 1]).sum(-1)
+        assert jnp.all(row_norms_T[t + 1 :] == 0), f"position {t} sees the future"
+        assert jnp.all(row_norms_T[: t + 1] > 0), f"position {t} ignores its past"
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = create_model(CFG, 0)
+    graphdef, params = nnx.split(model)
+    prompt = _tokens(B=2, T=8)
+    out_BN = generate(graphdef, params, prompt, jax.random.key(0), max_new_tokens=12)
+    full = jnp.concatenate([prompt, out_BN], axis=1)
+    greedy = jnp.argmax(model(full)[:, 7:-1], axis=-1)
+    np.testing.assert_array_equal(out_BN, greedy)
+
+    cache = init_cache(CFG, 2, 20)
+    positions = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (2, 20))
+    cached_logits, _ = model(full, positions, cache)
+    np.testing.assert_allclose(cached_logits, model(full), atol=1e-5)
+
+
+def test_generate_refuses_too_long_requests():
+    graphdef, params = nnx.split(create_model(CFG, 0))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=64"):
+        generate(graphdef, params, _tokens(1, 60), jax.random.key(0), max_new_tokens=10)
+
+
+def test_sampling_respects_top_k_and_temperature():
+    logits_BV = jnp.log(jnp.asarray([[0.1, 0.2, 0.3, 0.4]] * 256))
+    keys = jax.random.split(jax.random.key(0), 256)
+    samples = jax.vmap(lambda k, l: sample_logits(l[None], k, jnp.float32(1.0), 2)[0])(keys, logits_BV)
+    assert set(np.asarray(samples).tolist()) <= {2, 3}
+    assert int(sample_logits(logits_BV[:1], keys[0], jnp.float32(0.0), 0)[0]) == 3  # greedy
+
+
+def test_bfloat16_compute_tracks_float32():
+    tokens = _tokens()
+    f32 = create_model(CFG, 0)(tokens)
+    bf16 = create_model(dataclasses.replace(CFG, dtype="bfloat16"), 0)(tokens)
+    assert bf16.dtype == jnp.float32  # logits come back in float32 for the loss
+    assert float(jnp.abs(bf16 - f32).max()) < 0.05
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+    tokens = _tokens()
+
+    def loss(cfg):
+        graphdef, params = nnx.split(create_model(cfg, 0))
+        return jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).mean())(params)
+
+    for a, b in zip(jax.tree.leaves(loss(CFG)), jax.tree.leaves(loss(dataclasses.replace(CFG, remat=remat)))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_tied_embeddings_have_no_head_and_count():
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    _, state = abstract_model(cfg)
+    pure = nnx.to_pure_dict(state)
+    assert "lm_head_DV" not in pure or pure["lm_head_DV"] is None
+    n = sum(x.size for x in jax.tree.leaves(pure))
+    assert n == cfg.num_params()
+    assert create_model(cfg, 0)(_tokens()).shape == (2, 16, 256)
+
+
+def test_param_count_matches_the_tree():
+    _, state = abstract_model(CFG)
+    assert sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state))) == CFG.num_params()
+
+
+def test_params_carry_logical_axes_only():
+    _, state = abstract_model(CFG)
+    names = {n for spec in jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(state))) for n in spec if n}
+    assert names <= {"layers", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "norm"}
+    assert not names & {"data", "fsdp", "tensor"}
