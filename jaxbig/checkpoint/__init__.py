@@ -8,13 +8,15 @@ import orbax.checkpoint as ocp
 
 
 def checkpoint_manager(run_dir: str | Path, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """Manager over `<run_dir>/checkpoints/<step>/`; saves are asynchronous and committed atomically."""
+    """Manager over `<run_dir>/checkpoints/<step>/`; saves are asynchronous and committed atomically.
+
+    `read_only` opens an existing directory for restoring; it never creates, saves or deletes
+    (it is not orbax's `read_only` option, which logs a warning on every open).
+    """
     directory = Path(run_dir).resolve() / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep,
-        save_interval_steps=0 if read_only else 1,
         create=not read_only,
-        read_only=read_only,
         enable_async_checkpointing=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options)
