@@ -84,7 +84,7 @@ class Attention(nnx.Module):
         B, T, H, K = q_BTHK.shape
         N = k_BSNK.shape[2]
         q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
-        logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK).astype(jnp.float32) * (K**-0.5)
+        logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
         causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
         logits_BNGTS = jnp.where(causal_BTS[:, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
         probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
@@ -174,7 +174,7 @@ class Llama(nnx.Module):
 
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dt)).astype(jnp.float32)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dt), preferred_element_type=jnp.float32)
         logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 

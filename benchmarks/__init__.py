@@ -1,0 +1,1 @@
+"""Benchmarks: a hand-written JAX baseline and the harness `scripts/bench.py` runs."""

@@ -1,0 +1,116 @@
+"""The same Llama, written by hand in plain JAX: the baseline `scripts/bench.py` holds jaxbig to.
+
+No Flax, no mesh, no sharding constraints: a function of a params pytree, `lax.scan` over
+the stacked layers, `value_and_grad`, optax, one `jax.jit` with donated buffers. The params
+are the nested dict jaxbig's `nnx.to_pure_dict` gives (same names, same shapes, layers
+stacked on axis 0), so one initialisation feeds both, and both use the optimizer of
+`jaxbig.optim.build_optimizer`.
+
+Letters as in `jaxbig.models.llama`: B batch, T query length, S key length, D d_model,
+H query heads, N kv heads, G = H/N, K head dim, F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbig.config import ModelConfig
+
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    x32 = x_BTD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)[None, None, :]
+
+
+def rope_tables(T: int, K: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin, cos [T, K/2] for positions 0..T-1, once per forward (not once per layer)."""
+    inv_freq_k = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angles_Tk = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_k[None, :]
+    return jnp.sin(angles_Tk), jnp.cos(angles_Tk)
+
+
+def apply_rope(x_BTHK: jax.Array, sin_Tk: jax.Array, cos_Tk: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Llama/HF convention), in float32."""
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin_Tk[None, :, None, :], cos_Tk[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHK.dtype)
+
+
+def attention(x_BTD: jax.Array, p: Params, sin_Tk: jax.Array, cos_Tk: jax.Array, causal_TS: jax.Array) -> jax.Array:
+    dt = x_BTD.dtype
+    q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, p["wq_DHK"].astype(dt))
+    k_BSNK = jnp.einsum("BSD,DNK->BSNK", x_BTD, p["wk_DNK"].astype(dt))
+    v_BSNK = jnp.einsum("BSD,DNK->BSNK", x_BTD, p["wv_DNK"].astype(dt))
+    q_BTHK, k_BSNK = apply_rope(q_BTHK, sin_Tk, cos_Tk), apply_rope(k_BSNK, sin_Tk, cos_Tk)
+
+    B, T, H, K = q_BTHK.shape
+    N = k_BSNK.shape[2]
+    q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)  # query head h uses kv head h // G
+    logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
+    logits_BNGTS = jnp.where(causal_TS[None, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
+    probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
+    out_BTHK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK).reshape(B, T, H, K)
+    return jnp.einsum("BTHK,HKD->BTD", out_BTHK, p["wo_HKD"].astype(dt))
+
+
+def mlp(x_BTD: jax.Array, p: Params) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    dt = x_BTD.dtype
+    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_gate_DF"].astype(dt))
+    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_up_DF"].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, p["w_down_FD"].astype(dt))
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
+    """Logits [B, T, V] in float32 for every position of `tokens_BT`."""
+    dt = jnp.dtype(cfg.dtype)
+    T = tokens_BT.shape[1]
+    sin_Tk, cos_Tk = rope_tables(T, cfg.head_dim, cfg.rope_theta)
+    causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
+    x_BTD = jnp.take(params["embed_VD"], tokens_BT, axis=0).astype(dt)
+
+    def block(x_BTD, layer: Params):
+        x_BTD = x_BTD + attention(rms_norm(x_BTD, layer["attn_norm"]["scale"], cfg.norm_eps), layer["attn"], sin_Tk, cos_Tk, causal_TS)
+        x_BTD = x_BTD + mlp(rms_norm(x_BTD, layer["mlp_norm"]["scale"], cfg.norm_eps), layer["mlp"])
+        return x_BTD, None
+
+    if cfg.remat != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(block, x_BTD, params["blocks"])
+
+    x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        return jnp.einsum("BTD,VD->BTV", x_BTD, params["embed_VD"].astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head_DV"].astype(dt), preferred_element_type=jnp.float32)
+
+
+def loss_fn(params: Params, cfg: ModelConfig, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats per token."""
+    logits_BTV = forward(params, cfg, inputs_BT)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[:, :, None], axis=-1)[:, :, 0]
+    return jnp.mean(logz_BT - target_logit_BT)
+
+
+def make_step(cfg: ModelConfig, tx: optax.GradientTransformation):
+    """`step(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`, jitted, params and opt_state donated."""
+
+    def step(params: Params, opt_state: optax.OptState, inputs_BT: jax.Array, targets_BT: jax.Array):
+        loss, grads = jax.value_and_grad(loss_fn)(params, cfg, inputs_BT, targets_BT)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))

@@ -1,0 +1,225 @@
+"""jaxbig's train step against the hand-written one, on one device, in one process.
+
+For each config both steps start from the same params and optimizer state and see the same
+batches: real corpus windows from `jaxbig.data` (the first 4 MiB of the corpus), placed on
+the device before the clock starts, so input loading is not timed. Each step runs once to
+compile (timed: the first-step time) and once more to warm up; then timed rounds alternate
+between the two, the order flipped every round, each round `steps` steps ended by
+`block_until_ready`. Throughput is the median over rounds; MFU is against the matmul peak
+measured in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import flax
+import jax
+import optax
+
+from benchmarks import handwritten
+from jaxbig.config import Config, MeshConfig
+from jaxbig.data import batch_sharding, load_corpus, train_batches
+from jaxbig.optim import build_optimizer
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.train.metrics import measure_matmul_peak
+from jaxbig.train.state import init_train_state
+from jaxbig.train.step import jit_train_step, make_train_step
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+START, END = "<!-- bench:foundation:start -->", "<!-- bench:foundation:end -->"
+INTRO = """# Benchmarks
+
+Speed targets live here, not in timed tests. Each section is written by a script between
+its markers; re-running the script replaces only its own section.
+"""
+SECTION_INTRO = """## Foundation: jaxbig vs a hand-written JAX step
+
+`benchmarks/handwritten.py` is the same Llama written by hand in plain JAX (no Flax, no mesh,
+no sharding constraints): a function of the same params dict, `lax.scan` over the layers, the
+optimizer of `jaxbig.optim.build_optimizer`, one `jax.jit` with donated buffers.
+`tests/test_handwritten.py` checks that both give the same loss and the same updated params.
+Target: jaxbig at >= 0.97x the hand-written tokens/s. MFU = tokens/s x
+`ModelConfig.flops_per_token(T)` / the measured matmul peak. Re-run with `make bench` or
+`python scripts/bench.py`; on a small shared CPU, rounds vary by 1-2%, so read ratios within
+about 0.98-1.02 as parity.
+"""
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    cfg: Config
+    steps: int  # per timed round
+    first_step_s: dict[str, float]  # trace + compile + one step
+    rates: dict[str, list[float]]  # tokens/s per timed round
+    final_loss: dict[str, float]
+
+    @property
+    def median(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.rates.items()}
+
+    def compile_s(self, impl: str) -> float:
+        """First step minus one steady-state step: trace, lower and compile."""
+        return self.first_step_s[impl] - self.cfg.train.batch_size * self.cfg.data.seq_len / self.median[impl]
+
+    @property
+    def ratio(self) -> float:
+        return self.median["jaxbig"] / self.median["handwritten"]
+
+
+def bench_config(
+    name: str, cfg: Config, *, steps: int | None, rounds: int, round_s: float = 4.0, clock_start: float | None = None
+) -> tuple[Result, float | None]:
+    """Times both steps on `cfg`; also returns seconds from `clock_start` to the first finished jaxbig step.
+
+    `steps` per round defaults to what fills about `round_s` seconds, judged from one warm step.
+    """
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+
+    corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, max_bytes=4 * 2**20)
+    stream = train_batches(corpus.train_BYTES, T, B, mesh, seed=cfg.train.seed, prefetch=0)
+    batches = [next(stream), next(stream)]  # the compile step and the warm step
+
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        jaxbig_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T))
+    # The hand-written step gets its own copy (both donate) as plain arrays committed to the
+    # device, as a hand-written script would hold them; its outputs are placed the same way, so
+    # the second call does not compile again for differently placed inputs.
+    device = jax.devices()[0]
+    params = jax.device_put(jax.device_get(state.params), device)
+    opt_state = jax.device_put(tx.init(params), device)
+    hand_step = handwritten.make_step(cfg.model, tx)
+
+    def run_jaxbig(batch):
+        nonlocal state
+        with jax.set_mesh(mesh):  # as in jaxbig's train loop
+            state, metrics = jaxbig_step(state, batch)
+        return metrics
+
+    def run_hand(batch):
+        nonlocal params, opt_state
+        inputs_BT, targets_BT = jax.device_put((batch["inputs"], batch["targets"]), device)  # off the mesh; no copy
+        params, opt_state, metrics = hand_step(params, opt_state, inputs_BT, targets_BT)
+        return metrics
+
+    run = {"jaxbig": run_jaxbig, "handwritten": run_hand}
+    first_step_s, to_first_step = {}, None
+    for impl in ("jaxbig", "handwritten"):
+        t = time.perf_counter()
+        jax.block_until_ready(run[impl](batches[0]))
+        first_step_s[impl] = time.perf_counter() - t
+        if impl == "jaxbig" and clock_start is not None:
+            to_first_step = time.perf_counter() - clock_start
+
+    warm_s = []
+    for impl in ("jaxbig", "handwritten"):
+        t = time.perf_counter()
+        jax.block_until_ready(run[impl](batches[1]))
+        warm_s.append(time.perf_counter() - t)
+    steps = steps or max(2, round(round_s / max(warm_s)))
+    batches = [next(stream) for _ in range(steps * rounds)]  # on the device before the clock starts
+
+    rates: dict[str, list[float]] = {"jaxbig": [], "handwritten": []}
+    final_loss = {}
+    for r in range(rounds):
+        for impl in ("jaxbig", "handwritten") if r % 2 == 0 else ("handwritten", "jaxbig"):
+            t = time.perf_counter()
+            for i in range(steps):
+                metrics = run[impl](batches[r * steps + i])
+            jax.block_until_ready((metrics, state if impl == "jaxbig" else params))
+            rates[impl].append(steps * B * T / (time.perf_counter() - t))
+            final_loss[impl] = float(metrics["loss"])
+    for impl, fn in (("jaxbig", jaxbig_step), ("handwritten", hand_step)):
+        compiled = getattr(fn, "_cache_size", lambda: 1)()  # private jax API; skip the check if it goes away
+        if compiled != 1:  # a recompile inside the timed rounds would make the numbers meaningless
+            raise RuntimeError(f"{name}: the {impl} step compiled {compiled} times; its inputs changed placement between calls")
+    return Result(name, cfg, steps, first_step_s, rates, final_loss), to_first_step
+
+
+def measure_peak() -> float:
+    """The one-device matmul peak, measured now (not read from the cache)."""
+    with jax.default_device(jax.devices()[0]):
+        return measure_matmul_peak(use_cache=False)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return f"{os.cpu_count()} CPU cores ({cpu}); device {device.platform}:{device.device_kind}"
+
+
+def table(results: list[Result], peak: float) -> str:
+    rows = [
+        "| config | params | batch B×T | jaxbig tokens/s | hand-written tokens/s | ratio | jaxbig MFU | hand-written MFU "
+        "| first step (s) jaxbig / hand-written | of which compile (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        m, cfg = res.median, res.cfg
+        flops = cfg.model.flops_per_token(cfg.data.seq_len)
+        rows.append(
+            f"| {res.name} | {cfg.model.num_params() / 1e6:.2f}M | {cfg.train.batch_size}×{cfg.data.seq_len} "
+            f"| {m['jaxbig']:,.0f} | {m['handwritten']:,.0f} | **{res.ratio:.3f}** "
+            f"| {m['jaxbig'] * flops / peak:.3f} | {m['handwritten'] * flops / peak:.3f} "
+            f"| {res.first_step_s['jaxbig']:.2f} / {res.first_step_s['handwritten']:.2f} "
+            f"| {res.compile_s('jaxbig'):.2f} / {res.compile_s('handwritten'):.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def report(results: list[Result], peak: float, *, command: str, to_first_step: float | None, load: tuple[float, float]) -> str:
+    first = f"{to_first_step:.1f} s ({results[0].name})" if to_first_step is not None else "not measured"
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
+        f"Machine: {machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
+        f"Measured matmul peak (2048² float32, one device): {peak / 1e9:.1f} GFLOP/s  ",
+        f"Method: one device; same initial params, optimizer and batches (real corpus windows from jaxbig.data, on the device before timing) for both; "
+        + ", ".join(f"{len(r.rates['jaxbig'])} rounds of {r.steps} steps ({r.name})" for r in results)
+        + ", alternating which goes first, "
+        "after one compile step (jaxbig's first) and one warm step each; medians over rounds; ratio = jaxbig / hand-written (target ≥ 0.97). "
+        "First step = trace + compile + one step; compile = first step minus one steady step.  ",
+        f"Time to first step (script start to the first finished jaxbig step, including imports, corpus, init and compile): {first}",
+        "",
+        table(results, peak),
+        "",
+        "Per-round tokens/s (jaxbig | hand-written): "
+        + "; ".join(f"{r.name}: " + ", ".join(f"{a:,.0f}|{b:,.0f}" for a, b in zip(r.rates["jaxbig"], r.rates["handwritten"])) for r in results)
+        + "  ",
+        "Loss after the last timed step (jaxbig vs hand-written, same batches): "
+        + "; ".join(f"{r.name}: {r.final_loss['jaxbig']:.6f} vs {r.final_loss['handwritten']:.6f}" for r in results),
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replaces the text between the markers in `path` (appending the section if it is missing)."""
+    text = path.read_text() if path.is_file() else INTRO
+    section = f"{START}\n{body}\n{END}"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, count=1, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + SECTION_INTRO + "\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

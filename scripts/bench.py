@@ -1,0 +1,64 @@
+"""Tokens/s and MFU of jaxbig's train step against a hand-written JAX step of the same model.
+
+    python scripts/bench.py [--config tiny small] [--steps N] [--repeats 8] [--no-write]
+
+One device, one process, alternating timed rounds (see benchmarks/harness.py). Prints the
+table and writes it to docs/benchmarks.md between the `bench:foundation` markers.
+"""
+
+from __future__ import annotations
+
+import time
+
+CLOCK_START = time.perf_counter()  # before the heavy imports: the time-to-first-step clock
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+# No emulate_cpu_devices() here: the benchmark measures one device, the process's first.
+
+from benchmarks import harness  # noqa: E402
+from jaxbig.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", nargs="+", default=["tiny", "small"], help="preset names (configs/NAME.yaml) or YAML paths")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth, from a warm step)")
+    parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
+    parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        parser.error(f"--steps and --repeats must be >= 1, got --steps {args.steps} --repeats {args.repeats}")
+
+    load_before = os.getloadavg()[0]
+    results, to_first_step = [], None
+    try:
+        for name in args.config:
+            path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / f"{name}.yaml"
+            cfg = load_config(path)
+            print(f"{path.stem}: compiling both steps, then {args.repeats} alternating timed rounds ...", flush=True)
+            first_config = not results
+            result, first = harness.bench_config(path.stem, cfg, steps=args.steps, rounds=args.repeats, clock_start=CLOCK_START if first_config else None)
+            to_first_step = first if first_config else to_first_step
+            results.append(result)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak = harness.measure_peak()
+    command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    text = harness.report(results, peak, command=command, to_first_step=to_first_step, load=(load_before, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        harness.write_section(harness.DOC, text)
+        print(f"wrote {harness.DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
