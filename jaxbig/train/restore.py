@@ -14,7 +14,8 @@ from jaxbig.config import Config, ConfigError, MeshConfig, config_from_dict
 from jaxbig.optim import build_optimizer
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train.loop import CONFIG_FILE
-from jaxbig.train.state import Params, make_init_fn, state_shardings
+from jaxbig.models import abstract_model
+from jaxbig.train.state import Params, abstract_train_state
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -37,13 +38,8 @@ def load_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None 
         raise ConfigError(f"run_dir {str(run_dir)!r} has no checkpoint at step {step}; it has steps {sorted(steps)}")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     tx, _ = build_optimizer(cfg.optim, cfg.train.steps)
-    init = make_init_fn(cfg.model, tx, cfg.train.seed)
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(cfg.model, tx, mesh, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    _, _, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
     state = checkpoint.restore(manager, step, abstract)
     manager.close()
-    from jaxbig.models import abstract_model
-
     graphdef, _ = abstract_model(cfg.model)
     return cfg, graphdef, state.params, step

@@ -59,14 +59,23 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
     return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 
+def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int):
+    """(init function, shardings, abstract state whose ShapeDtypeStructs carry those shardings).
+
+    The abstract state is both the `jit(init)` output spec and the checkpoint restore target.
+    """
+    init = make_init_fn(cfg, tx, seed)
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(cfg, tx, mesh, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return init, shardings, abstract
+
+
 def init_train_state(
     cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
 ) -> tuple[nnx.GraphDef, TrainState, TrainState, TrainState]:
     """Returns (graphdef, state, shardings, abstract state carrying the shardings)."""
     graphdef, _, _ = logical_axes(cfg)
-    init = make_init_fn(cfg, tx, seed)
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(cfg, tx, mesh, abstract)
+    init, shardings, abstract = abstract_train_state(cfg, tx, mesh, seed)
     state = jax.jit(init, out_shardings=shardings)()
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return graphdef, state, shardings, abstract
