@@ -87,6 +87,7 @@ class MeshConfig:
     """Device mesh axis sizes; -1 on one axis fills the remaining devices."""
 
     data: int = -1  # pure data parallelism (params replicated)
+    pipeline: int = 1  # pipeline stages (layers split into consecutive stages)
     fsdp: int = 1  # data parallelism with params and optimizer state sharded (ZeRO-3)
     tensor: int = 1  # Megatron tensor parallelism over heads, mlp and vocab
 
@@ -98,7 +99,26 @@ class MeshConfig:
             _require(v == -1 or v >= 1, f"mesh.{k}={v}: axis sizes are positive integers or -1 (fill)")
 
     def sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        """Axis sizes in mesh order, outermost first."""
+        return {"data": self.data, "pipeline": self.pipeline, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the mesh axes are used beyond the logical rules: the pipeline schedule."""
+
+    microbatches: int = 0  # pipeline microbatches per step (0 = 2 x pipeline stages)
+    schedule: str = "gpipe"  # pipeline schedule: gpipe or circular
+    repeats: int = 1  # circular schedule: layer chunks per stage (virtual stages)
+
+    def __post_init__(self):
+        _require(self.microbatches >= 0, f"parallel.microbatches={self.microbatches} must be >= 0 (0 = 2 x stages)")
+        _require(self.schedule in ("gpipe", "circular"), f"parallel.schedule={self.schedule!r}: use gpipe or circular")
+        _require(self.repeats >= 1, f"parallel.repeats={self.repeats} must be >= 1")
+        _require(
+            self.schedule == "circular" or self.repeats == 1,
+            f"parallel.repeats={self.repeats} needs parallel.schedule=circular (gpipe runs each stage's layers once)",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,6 +186,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -324,6 +345,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "TrainConfig",
     "config_from_dict",
     "load_config",

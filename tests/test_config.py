@@ -55,6 +55,8 @@ def test_overrides_are_typed():
         (["model.num_layers=0"], "model.num_layers=0 must be positive"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "only one axis may be -1"),
         (["model.head_dim=33"], "model.head_dim=33 must be even"),
+        (["parallel.schedule=1f1b"], "parallel.schedule='1f1b': use gpipe or circular"),
+        (["parallel.repeats=2"], "parallel.repeats=2 needs parallel.schedule=circular"),
     ],
 )
 def test_bad_overrides_name_the_value_and_the_fix(overrides, message):
@@ -76,10 +78,11 @@ def test_override_values_parse_as_yaml():
 @pytest.mark.parametrize(
     "spec, sizes",
     [
-        ("4x2", {"data": 4, "fsdp": 1, "tensor": 2}),
-        ("8", {"data": 8, "fsdp": 1, "tensor": 1}),
-        ("data=2,fsdp=2,tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}),
-        ("fsdp=-1,tensor=2", {"data": 1, "fsdp": -1, "tensor": 2}),
+        ("4x2", {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}),
+        ("8", {"data": 8, "pipeline": 1, "fsdp": 1, "tensor": 1}),
+        ("2x2x2", {"data": 2, "pipeline": 2, "fsdp": 1, "tensor": 2}),
+        ("data=2,fsdp=2,tensor=2", {"data": 2, "pipeline": 1, "fsdp": 2, "tensor": 2}),
+        ("fsdp=-1,tensor=2", {"data": 1, "pipeline": 1, "fsdp": -1, "tensor": 2}),
     ],
 )
 def test_parse_mesh_spec(spec, sizes):
@@ -103,8 +106,8 @@ def test_mesh_that_does_not_fit_the_devices(spec, message):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("pipe=2", "unknown axis 'pipe'; axes are data, fsdp, tensor"),
-        ("2x2x2x2", "at most 2"),
+        ("pipe=2", "unknown axis 'pipe'; axes are data, pipeline, fsdp, tensor"),
+        ("2x2x2x2", "at most 3"),
         ("4xa", "use DATAxTENSOR"),
         ("data=0", "mesh.data=0: axis sizes are positive integers or -1"),
     ],
@@ -116,4 +119,4 @@ def test_bad_mesh_specs(spec, message):
 
 
 def test_fill_axis_takes_the_rest():
-    assert resolve_mesh_sizes(MeshConfig(data=-1, tensor=2), 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert resolve_mesh_sizes(MeshConfig(data=-1, tensor=2), 8) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}

@@ -64,7 +64,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
 
     assert _stdout(cells["kernel-python"]).split() == [sys.prefix, sys.executable]
     assert "8 cpu devices" in _stdout(cells["devices"])
-    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 2}" in _stdout(cells["train"])
+    assert "mesh {'data': 4, 'pipeline': 1, 'fsdp': 1, 'tensor': 2}" in _stdout(cells["train"])
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 40

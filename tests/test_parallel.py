@@ -123,3 +123,20 @@ def test_constrain_is_noop_without_mesh():
 
     x = jnp.ones((4, 8))
     assert constrain(x, ("activation_batch", "activation_embed")) is x
+
+
+def test_collective_bytes_reads_kind_size_and_axes_from_compiled_hlo():
+    from jax.sharding import NamedSharding
+
+    from jaxbig.parallel.hlo import collective_bytes, parse_collectives
+
+    mesh = make_mesh(MeshConfig(data=4, tensor=2))
+    x = jax.device_put(jnp.ones((1024, 256)), NamedSharding(mesh, P("data")))
+    gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P())).lower(x).compile().as_text()
+    (c,) = parse_collectives(gather, mesh)
+    assert (c.kind, c.result_bytes, c.group_size, c.axes) == ("all-gather", 1024 * 256 * 4, 4, ("data",))
+    assert collective_bytes(gather, mesh, over="data")["all-gather"] == 1024 * 256 * 4 * 3 / 4
+    assert collective_bytes(gather, mesh, over="tensor")["all-gather"] == 0
+    y = jax.device_put(jnp.ones((1024, 256)), NamedSharding(mesh, P("tensor")))
+    reduce = jax.jit(lambda y: y.sum(0), out_shardings=NamedSharding(mesh, P())).lower(y).compile().as_text()
+    assert collective_bytes(reduce, mesh, over="tensor")["all-reduce"] == 256 * 4 * 2 * (2 - 1) / 2

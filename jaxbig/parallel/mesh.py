@@ -1,6 +1,6 @@
 """Device meshes from `--mesh 4x2` or `--mesh data=2,fsdp=2,tensor=2`.
 
-Axis order is outermost to innermost: data, fsdp, tensor. The innermost axis gets
+Axis order is outermost to innermost: data, pipeline, fsdp, tensor. The innermost axis gets
 neighbouring devices, which is where tensor parallelism's per-layer all-reduces belong.
 """
 
@@ -14,9 +14,9 @@ from jax.sharding import AxisType, Mesh
 
 from jaxbig.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-# `--mesh AxB` names these axes, in this order.
-_POSITIONAL = ("data", "tensor")
+MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
+# `--mesh AxBxC` names these axes, in this order.
+_POSITIONAL = ("data", "tensor", "pipeline")
 
 
 class MeshError(ConfigError):
@@ -24,11 +24,11 @@ class MeshError(ConfigError):
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """`4x2` -> {data: 4, fsdp: 1, tensor: 2}; `data=2,fsdp=-1` -> {data: 2, fsdp: -1, tensor: 1}."""
+    """`4x2` -> {data: 4, pipeline: 1, fsdp: 1, tensor: 2}; `data=2,fsdp=-1` -> {data: 2, ..., fsdp: -1}."""
     text = spec.strip().replace(" ", "")
     sizes = {axis: 1 for axis in MESH_AXES}
     usage = (
-        f"--mesh {spec!r}: use DATAxTENSOR (e.g. 4x2, or 8 for data only) or named axes "
+        f"--mesh {spec!r}: use DATAxTENSOR[xPIPELINE] (e.g. 4x2, 2x2x2, or 8 for data only) or named axes "
         f"(e.g. data=2,fsdp=2,tensor=2; axes {', '.join(MESH_AXES)}; one may be -1 to fill the rest)"
     )
     if not text:

@@ -67,6 +67,8 @@ def train(
     # --- mesh, data, model and optimizer --------------------------------------------------------
     if cfg.model.vocab_size < ByteTokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} tokens; use >= 256")
+    if cfg.mesh.pipeline != 1:
+        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1")
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     check_batch_divides(cfg.train.batch_size, mesh)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
