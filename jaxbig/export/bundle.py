@@ -1,0 +1,134 @@
+"""`export_run`: a trained run -> one TF Serving version directory, written atomically.
+
+exports/NAME/<V>/
+  saved_model.pb, variables/          TF SavedModel: signatures serving_default and generate
+  assets.extra/tf_serving_warmup_requests
+  jax/{forward,generate}.jax_exported, jax/params.npz
+  manifest.json
+Everything is written to exports/NAME/.tmp-<V>-*, then renamed: a failed export leaves no
+version directory behind (TF Serving ignores non-numeric names while it is being written).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+
+from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
+from jaxbig.config import ConfigError
+from jaxbig.data.tokenizer import ByteTokenizer
+from jaxbig.export.artifact import PLATFORMS, export_functions, flatten_params, leaf_manifest, to_leaves, write_artifacts
+from jaxbig.export.targets import get_target
+from jaxbig.train.restore import load_params
+
+MANIFEST = "manifest.json"
+
+
+def _jax_stablehlo_version() -> str:
+    # The version JAX itself serializes at (private API; recorded for the manifest only).
+    from jax._src.lib.mlir.dialects import hlo
+
+    return hlo.get_version_from_compatibility_requirement(hlo.StablehloCompatibilityRequirement.WEEK_4)
+
+
+def _warmup_requests(max_seq_len: int) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """One request per batch size TF Serving is likely to see first, plus one generate call."""
+    reqs = [("serving_default", {"tokens": np.ones((b, min(16, max_seq_len)), np.int32)}) for b in (1, 8)]
+    n = min(4, max_seq_len - 1)
+    reqs.append(("generate", {"prompt": np.ones((1, 1), np.int32), "max_new_tokens": np.int32(n), "temperature": np.float32(0), "seed": np.int32(0)}))
+    return reqs
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    version: int,
+    *,
+    step: int | None = None,
+    quantize: str = "int8",
+    target: str = "tf-serving-2.21",
+    overwrite: bool = False,
+) -> Path:
+    """Exports a run's checkpoint; returns the version directory. Raises ConfigError on bad input."""
+    serving = get_target(target)
+    try:
+        check_method(quantize)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"--version {version!r} must be a positive integer (TF Serving serves numbered version directories)")
+    out = Path(out)
+    final = out / str(version)
+    if final.exists() and not overwrite:
+        raise ConfigError(f"{str(final)!r} already exists; pick another --version or pass --overwrite")
+    cfg, graphdef, params, step = load_params(run_dir, step)
+
+    flat = flatten_params(params)
+    rules = llama_rules()
+    leaves = to_leaves(quantize_params(flat, quantize, rules))
+    forward, generate = export_functions(graphdef, cfg.model, leaves)
+
+    from jaxbig.export import savedmodel  # TensorFlow is imported only when exporting
+
+    savedmodel.check_runtime(forward, serving)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out))
+    try:
+        write_artifacts(tmp, forward, generate, leaves)
+        savedmodel.save(tmp, leaves, forward, generate, serving, cfg.model.max_seq_len)
+        savedmodel.write_warmup(tmp, out.name, _warmup_requests(cfg.model.max_seq_len))
+        manifest = {
+            "format": "jaxbig-export/1",
+            "run_dir": str(run_dir),
+            "step": step,
+            "model": cfg.to_dict()["model"],
+            "tokenizer": ByteTokenizer().to_dict(),
+            "params": leaf_manifest(leaves),
+            "quantization": {
+                "method": quantize,
+                "scheme": "weight-only, per-output-channel absmax; dequantized (q.astype(f32) * scale) before each matmul" if quantize != "none" else "none",
+                "rules": [{"pattern": r.pattern, "reduce_axes": list(r.reduce_axes)} for r in rules] if quantize != "none" else [],
+            },
+            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "tensorflow": savedmodel.tf.__version__},
+            "stablehlo": {
+                "jax_artifacts": _jax_stablehlo_version(),
+                "saved_model": serving.stablehlo_version,
+                "why": f"{serving.name} embeds TensorFlow {serving.tensorflow}, whose StableHLO cannot read newer portable artifacts",
+            },
+            "calling_convention_version": forward.calling_convention_version,
+            "platforms": list(PLATFORMS),
+            "target": {"name": serving.name, "tensorflow": serving.tensorflow, "max_calling_convention": serving.max_calling_convention},
+            "signatures": {
+                "serving_default": {"inputs": {"tokens": "int32 [B, T]"}, "outputs": {"logits": "float32 [B, T, V]"}},
+                "generate": {
+                    "inputs": {"prompt": "int32 [B, P]", "max_new_tokens": "int32 []", "temperature": "float32 [] (0 = greedy)", "seed": "int32 []"},
+                    "outputs": {"tokens": "int32 [B, max_new_tokens]"},
+                    "limit": f"P + max_new_tokens <= {cfg.model.max_seq_len}",
+                },
+            },
+            "jax_artifacts": {
+                "forward": {"file": "jax/forward.jax_exported", "in_avals": [str(a) for a in forward.in_avals[-1:]], "out_avals": [str(a) for a in forward.out_avals]},
+                "generate": {"file": "jax/generate.jax_exported", "out_avals": [str(a) for a in generate.out_avals]},
+                "params": "jax/params.npz",
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        old = None
+        if final.exists():  # --overwrite: move the old one aside, then swap
+            old = out / f".old-{version}-{tmp.name}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
