@@ -21,6 +21,7 @@ def _run(repo, *args):
         (["--set", "model.num_heads=3"], "model.num_heads=3 is not a multiple of model.num_kv_heads=4"),
         (["--mesh", "4x2", "--set", "train.batch_size=6"], "train.batch_size=6 is not divisible by data x fsdp = 4 x 1 = 4"),
         (["--mesh", "4x2", "--set", "mesh.data=2"], "mesh.data is set twice"),
+        (["--mesh", "2x2x2", "--set", "model.num_layers=3"], "model.num_layers=3 is not divisible by pipeline stages x repeats = 2 x 1 = 2"),
         (["--config", "configs/huge.yaml"], "config file 'configs/huge.yaml' not found"),
         (["--set", "data.paths=/no/such/dir"], "data path '/no/such/dir' does not exist"),
         (["--set", "model.vocab_size=128"], "model.vocab_size=128 is smaller than the byte tokenizer's 256"),

@@ -6,11 +6,13 @@ Shape letters (used in names and einsum strings everywhere in jaxbig):
 
 Params are float32 (or `param_dtype`) and are cast to the compute `dtype` at use. Every
 param names its *logical* axes in `out_sharding` metadata; `jaxbig.parallel.rules` maps
-them to mesh axes. Layers are stacked on a leading `layers` axis and run under `lax.scan`.
+them to mesh axes. Layers are stacked on a leading `layers` axis and run by a layer runner:
+`lax.scan`, or a pipeline schedule over that axis (`jaxbig.parallel.pipeline`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbig.config import ModelConfig
+from jaxbig.parallel.pipeline import LayerRunner, scan_layers
 from jaxbig.parallel.rules import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
@@ -152,8 +155,14 @@ class Llama(nnx.Module):
         tokens_BT: jax.Array,
         positions_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        run_layers: LayerRunner = scan_layers,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits for every position; with `cache`, also the cache updated at `positions_BT`."""
+        """Logits for every position; with `cache`, also the cache updated at `positions_BT`.
+
+        `run_layers` applies the stacked blocks (a plain scan, or a pipeline schedule that
+        `jaxbig.parallel` builds for the mesh); decoding with a cache always scans.
+        """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
@@ -162,21 +171,29 @@ class Llama(nnx.Module):
         x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt), _ACT_BTD)
 
         graphdef, layers = nnx.split(self.blocks)
+        remat = (lambda f: f) if cfg.remat == "none" else functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
-        def body(x_BTD, layer):
-            params, layer_cache = layer
-            x_BTD, layer_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, layer_cache)
-            return x_BTD, layer_cache
+        if cache is None:
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BTD, new_cache = jax.lax.scan(body, x_BTD, (layers, cache))
+            @remat
+            def body(layer, x_BTD, positions_BT):
+                return nnx.merge(graphdef, layer)(x_BTD, positions_BT)[0]
+
+            x_BTD = run_layers(body, layers, x_BTD, positions_BT)
+        else:
+
+            @remat
+            def body_cached(x_BTD, layer):
+                params, layer_cache = layer
+                return nnx.merge(graphdef, params)(x_BTD, positions_BT, layer_cache)
+
+            x_BTD, cache = jax.lax.scan(body_cached, x_BTD, (layers, cache))
 
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dt), preferred_element_type=jnp.float32)
         logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+        return logits_BTV if cache is None else (logits_BTV, cache)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:

@@ -7,12 +7,14 @@ neighbouring devices, which is where tensor parallelism's per-layer all-reduces 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from jaxbig.config import ConfigError, MeshConfig
+from jaxbig.config import Config, ConfigError, MeshConfig
+from jaxbig.parallel.pipeline import check_pipeline
 
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
 # `--mesh AxBxC` names these axes, in this order.
@@ -96,3 +98,20 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None, spec: str | None = N
     if n == len(devices):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
     return Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_fits(cfg: Config, mesh_shape: Mapping[str, int]) -> None:
+    """Raises a ConfigError naming the numbers and the fix when the model does not split evenly over the mesh.
+
+    Query heads must divide over tensor (fewer KV heads than tensor shards are replicated,
+    as grouped-query attention allows); layers, microbatches and the batch must fit the
+    pipeline (`jaxbig.parallel.pipeline.check_pipeline`). The batch vs data x fsdp check is
+    the data pipeline's (`check_batch_divides`).
+    """
+    heads, tensor = cfg.model.num_heads, mesh_shape.get("tensor", 1)
+    if heads % tensor:
+        raise ConfigError(
+            f"model.num_heads={heads} is not divisible by mesh.tensor={tensor}; tensor parallelism gives each device "
+            f"num_heads/tensor query heads: use a tensor size that divides {heads} or change model.num_heads"
+        )
+    check_pipeline(cfg, mesh_shape)

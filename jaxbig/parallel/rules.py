@@ -9,6 +9,12 @@ Layout (Megatron + ZeRO-3):
   `heads`/`kv_heads`/`mlp` over tensor (column-parallel in, row-parallel out);
   `vocab` over tensor (vocab-parallel embedding and logits).
 - activations: the batch over data and fsdp; heads and mlp activations over tensor.
+- pipeline: the stacked `layers` axis over pipeline (stage s holds a contiguous block of
+  layers; `jaxbig.parallel.pipeline` documents the schedules' layout), and the batch over
+  pipeline too (major to data x fsdp: with fsdp the other order makes the partitioner
+  replicate the embedding's gradient), so the embedding, the head and the loss, which run
+  outside the pipeline, are data-parallel over the stages instead of computed on each.
+  Inside the pipeline's `shard_map` the manual `pipeline` axis is left out of constraints.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
-    ("layers", ()),
+    ("layers", ("pipeline",)),
     ("norm", ()),
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("pipeline", "data", "fsdp")),
     ("activation_length", ()),
     ("activation_embed", ()),
     ("activation_heads", ("tensor",)),
@@ -84,9 +90,14 @@ def tree_shardings(logical_tree, abstract_tree, mesh: jax.sharding.Mesh, rules=R
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`."""
+    """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`.
+
+    Axes a surrounding `shard_map` made manual (the pipeline's) are not constrained: inside it
+    an array is already one device's share along them.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(logical, x.shape, dict(mesh.shape))
+    auto = {k: v for k, v in mesh.shape.items() if k not in mesh.manual_axes}
+    spec = logical_to_spec(logical, x.shape, auto)
     return jax.lax.with_sharding_constraint(x, spec)

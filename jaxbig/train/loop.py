@@ -19,7 +19,8 @@ from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import build_optimizer
-from jaxbig.parallel.mesh import make_mesh
+from jaxbig.parallel.mesh import check_fits, make_mesh
+from jaxbig.parallel.pipeline import bubble_fraction, layer_runner, num_microbatches
 from jaxbig.train import metrics as metrics_lib
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
@@ -67,10 +68,10 @@ def train(
     # --- mesh, data, model and optimizer --------------------------------------------------------
     if cfg.model.vocab_size < ByteTokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} tokens; use >= 256")
-    if cfg.mesh.pipeline != 1:
-        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1")
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     check_batch_divides(cfg.train.batch_size, mesh)
+    check_fits(cfg, dict(mesh.shape))
+    run_layers = layer_runner(mesh, cfg.parallel)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     if is_main:
         _prepare_run_dir(cfg, run_dir, fresh)
@@ -81,8 +82,8 @@ def train(
 
     with jax.set_mesh(mesh):
         graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        train_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, bsharding)
-        eval_step = jit_eval_step(make_eval_step(graphdef), shardings.params, bsharding)
+        train_step = jit_train_step(make_train_step(graphdef, tx, schedule, run_layers), shardings, bsharding)
+        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding)
 
         manager = checkpoint.checkpoint_manager(run_dir, cfg.train.keep_checkpoints)
         start = 0
@@ -95,14 +96,24 @@ def train(
         tokens_per_step = B * T
         n_params = cfg.model.num_params()
 
+        summary: dict[str, Any] = {"start_step": start, "num_params": n_params, "peak_flops": peak, "flops_per_token": flops_per_token}
+        stages = mesh.shape["pipeline"]
+        pipeline_note = ""
+        if stages > 1:
+            m, v = num_microbatches(cfg.parallel, stages), cfg.parallel.repeats
+            summary["bubble_fraction"] = bubble_fraction(stages, m, v)
+            pipeline_note = (
+                f"pipeline {cfg.parallel.schedule} {stages} stages x {m} microbatches"
+                + (f" x {v} repeats" if v > 1 else "")
+                + f", bubble {summary['bubble_fraction']:.1%} | "
+            )
         say = tqdm.write if progress else print
         if is_main:
             say(
                 f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices | "
-                f"corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
+                f"{pipeline_note}corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
-        summary: dict[str, Any] = {"start_step": start, "num_params": n_params, "peak_flops": peak, "flops_per_token": flops_per_token}
         if start >= cfg.train.steps:
             summary["final_eval_loss"] = mean_loss(eval_step, state.params, val)
             if is_main:

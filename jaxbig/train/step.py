@@ -8,18 +8,21 @@ import optax
 from flax import nnx
 
 from jaxbig.data.pipeline import Batch
+from jaxbig.parallel.pipeline import LayerRunner, scan_layers
 from jaxbig.train.state import Params, TrainState
 
 
-def loss_fn(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
-    """Mean next-token cross-entropy in nats per token."""
-    logits_BTV = nnx.merge(graphdef, params)(batch["inputs"])
+def loss_fn(params: Params, graphdef: nnx.GraphDef, batch: Batch, run_layers: LayerRunner = scan_layers) -> jax.Array:
+    """Mean next-token cross-entropy in nats per token; `run_layers` from `jaxbig.parallel.pipeline.layer_runner`."""
+    logits_BTV = nnx.merge(graphdef, params)(batch["inputs"], run_layers=run_layers)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, run_layers: LayerRunner = scan_layers
+):
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, run_layers)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -28,9 +31,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers):
     def eval_step(params: Params, batch: Batch) -> jax.Array:
-        return loss_fn(params, graphdef, batch)
+        return loss_fn(params, graphdef, batch, run_layers)
 
     return eval_step
 
