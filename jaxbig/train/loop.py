@@ -27,8 +27,13 @@ from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, mak
 CONFIG_FILE = "config.yaml"
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
-    """Refuses to mix two different runs in one directory; `fresh` clears an old run first."""
+def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
+    """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
+
+    Every process checks (so all of them refuse together); only the main process deletes and writes.
+    """
+    if fresh and not is_main:
+        return  # the main process is clearing the directory
     if fresh and run_dir.exists():
         for name in ("checkpoints", "tb", "metrics.jsonl", "summary.json", CONFIG_FILE):
             path = run_dir / name
@@ -48,8 +53,11 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
                 + ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 + "); pass --fresh to start over there, or choose another --run_dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(cfg.to_yaml())
+    if is_main:  # written atomically: other processes may be reading it for the check above
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(saved)
 
 
 def train(
@@ -72,8 +80,7 @@ def train(
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     check_batch_divides(cfg.train.batch_size, mesh)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
-    if is_main:
-        _prepare_run_dir(cfg, run_dir, fresh)
+    _prepare_run_dir(cfg, run_dir, fresh, is_main)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     bsharding = batch_sharding(mesh, B, T)
@@ -98,7 +105,8 @@ def train(
         say = tqdm.write if progress else print
         if is_main:
             say(
-                f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices | "
+                f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices"
+                f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''} | "
                 f"corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
@@ -111,7 +119,7 @@ def train(
             manager.close()
             writer.close()
             return summary
-        if start:
+        if start and is_main:
             say(f"resuming from the checkpoint at step {start}")
 
         summary["initial_eval_loss"] = mean_loss(eval_step, state.params, val)
