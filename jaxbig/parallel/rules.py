@@ -9,6 +9,11 @@ Layout (Megatron + ZeRO-3):
   `heads`/`kv_heads`/`mlp` over tensor (column-parallel in, row-parallel out);
   `vocab` over tensor (vocab-parallel embedding and logits).
 - activations: the batch over data and fsdp; heads and mlp activations over tensor.
+
+KV heads fewer than tensor shards (e.g. 8 KV heads on tensor=16) are replicated over tensor:
+`logical_to_spec` leaves out an axis that does not divide the dimension. That is allowed and
+cheap (K/V weights are a small share under GQA); other non-dividing sizes (query heads, d_ff,
+vocab over tensor; d_model over fsdp) are refused up front by `jaxbig.parallel.guards`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import build_optimizer
+from jaxbig.parallel.guards import check_layout
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train import metrics as metrics_lib
 from jaxbig.train.state import init_train_state
@@ -78,6 +79,7 @@ def train(
     if cfg.mesh.pipeline != 1:
         raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1")
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
+    check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
     check_batch_divides(cfg.train.batch_size, mesh)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
