@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [parse_mesh_spec(s) for s in specs]
         use_cpu_devices(args.devices or max(devices_needed(s) for s in sizes))
         from jaxbig.parallel.mesh import make_mesh
-        from jaxbig.parallel.plan import format_plan, markdown_table, plan_layout, write_section
+        from jaxbig.parallel.plan import axes_breakdown, format_plan, markdown_table, plan_layout, write_section
 
         name = Path(args.config).stem if args.config else "tiny"
         plans = []
@@ -77,16 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                 "one train step (forward, backward, AdamW update)  ",
                 "Bytes are what one device sends per step, ring estimate (all-reduce 2(n-1)/n of the buffer, all-gather and "
                 "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer. "
-                "On CPU XLA reduces FSDP gradients with all-reduce, not reduce-scatter.",
+                "On CPU, XLA reduces FSDP gradients with all-reduce rather than reduce-scatter (see docs/parallelism.md).",
                 "",
                 markdown_table(plans),
                 "",
-                "Over which mesh axes: "
-                + "; ".join(
-                    f"{format_mesh({k: v for k, v in p.mesh.items() if v > 1})}: "
-                    + ", ".join(f"{kind} over {a}" for kind in p.collective_axes for a in sorted(p.collective_axes[kind]))
-                    for p in plans
-                ),
+                "Bytes by the mesh axes each collective runs over:",
+                "",
+                *(f"- {axes_breakdown(p)}" for p in plans),
             ]
         )
         write_section(DOC, START, END, body, "## Collective bytes per step by layout (scripts/plan.py)")

@@ -139,3 +139,14 @@ def test_benchmark_section_is_replaced_and_the_rest_kept(tmp_path, repo):
     write_section(doc, "<!-- s -->", "<!-- e -->", "SECTION-TWO", "## Title")
     text = doc.read_text()
     assert text.startswith(foundation.rstrip("\n")) and "SECTION-TWO" in text and "SECTION-ONE" not in text and text.count("## Title") == 1
+
+
+def test_bf16_all_reduce_widened_by_the_cpu_backend_is_flagged():
+    mesh = make_mesh(MeshConfig(data=4, tensor=2))
+    x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "tensor")))
+    w = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("tensor")))
+    hlo = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(mesh, P())).lower(x, w).compile().as_text()  # row-parallel
+    (c,) = parse_collectives(hlo, mesh)
+    assert c.kind == "all-reduce" and c.axes == ("tensor",)
+    # XLA CPU reduces bf16 partial sums in f32 (research notes, parallel.md section 3): 4 bytes an element, flagged.
+    assert c.promoted and c.result_bytes == 64 * 256 * 4

@@ -43,6 +43,7 @@ class Collective:
     axes: tuple[str, ...]  # mesh axes the group spans (empty when unknown)
     count: int = 1  # runs per call of the program (loop trip counts multiplied); 1 outside loops
     count_known: bool = True  # False if an enclosing loop's trip count is not known at compile time
+    promoted: bool = False  # a reduction the XLA CPU backend widened (bf16 -> f32); half the bytes elsewhere
 
     @property
     def wire_bytes(self) -> float:
@@ -209,7 +210,8 @@ def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collectiv
             is_start = f"{kind}-start(" in line
             size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
             group_size, axes = _group_and_axes(kind, rest, mesh)
-            out.append(Collective(kind, size, group_size, axes, count, known))
+            promoted = re.search(r"to_apply=%?[\w.\-]*_promoted\b", rest) is not None
+            out.append(Collective(kind, size, group_size, axes, count, known, promoted))
     return out
 
 

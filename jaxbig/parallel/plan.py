@@ -102,6 +102,7 @@ class Plan:
     collectives: dict[str, float]  # kind -> bytes sent per device per step
     collective_axes: dict[str, dict[str, float]]  # kind -> {"data,fsdp": bytes, ...}
     collective_runs: dict[str, int]  # kind -> collective ops run per step
+    promoted_bytes: float  # of the all-reduce bytes: bf16 reductions the CPU backend ran in f32
     unknown_trip_counts: bool  # some collective sits in a loop of unknown length (counted once)
     bubble: float
     lower_s: float
@@ -172,6 +173,7 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
         collectives=by_kind,
         collective_axes=by_axes,
         collective_runs=runs,
+        promoted_bytes=sum(c.wire_bytes * c.count for c in collectives if c.promoted),
         unknown_trip_counts=any(not c.count_known for c in collectives),
         bubble=pipeline_bubble(cfg.mesh.pipeline, cfg.parallel.microbatches, cfg.parallel.repeats),
         lower_s=t1 - t0,
@@ -208,6 +210,11 @@ def format_plan(p: Plan) -> str:
     for kind in KINDS:
         axes = ", ".join(f"{a} {_size(b)}" for a, b in sorted(p.collective_axes[kind].items(), key=lambda kv: -kv[1]))
         lines.append(f"  {kind:<19}{_size(p.collectives[kind]):>12}   {p.collective_runs[kind]} ops run" + (f"; {axes}" if axes else ""))
+    if p.promoted_bytes:
+        lines.append(
+            f"  ({_size(p.promoted_bytes)} of the all-reduce bytes are bf16 reductions the CPU backend runs in f32; "
+            "half that on GPU/TPU)"
+        )
     if p.unknown_trip_counts:
         lines.append("  (some collectives sit in loops of unknown trip count and are counted once)")
     lines.append(f"pipeline bubble: {p.bubble:.1%}" + (" (no pipeline axis)" if p.mesh.get("pipeline", 1) == 1 else ""))
@@ -238,6 +245,17 @@ def markdown_table(plans: list[Plan]) -> str:
     return "\n".join(rows)
 
 
+def axes_breakdown(p: Plan) -> str:
+    """`data=4,tensor=2: all-reduce over tensor 6.0 MiB, over data 4.3 MiB; ...` (bytes per device per step)."""
+    layout = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
+    parts = []
+    for kind in KINDS:
+        if p.collective_axes[kind]:
+            axes = sorted(p.collective_axes[kind].items(), key=lambda kv: -kv[1])
+            parts.append(f"{kind} " + ", ".join(f"over {a.replace(',', '+')} {_size(b)}" for a, b in axes))
+    return f"{layout}: " + ("; ".join(parts) if parts else "no collectives")
+
+
 def write_section(path: Path, start: str, end: str, body: str, title: str) -> None:
     """Replaces the text between the `start`/`end` markers in `path` (appending `title` and the section if missing)."""
     text = path.read_text() if path.is_file() else ""
@@ -259,4 +277,4 @@ def devices_needed(sizes: dict[str, int]) -> int:
     return int(np.prod(list(sizes.values())))
 
 
-__all__ = ["Plan", "analytic_param_bytes", "check_plannable", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
+__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "check_plannable", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
