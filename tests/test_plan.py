@@ -150,3 +150,10 @@ def test_bf16_all_reduce_widened_by_the_cpu_backend_is_flagged():
     assert c.kind == "all-reduce" and c.axes == ("tensor",)
     # XLA CPU reduces bf16 partial sums in f32 (research notes, parallel.md section 3): 4 bytes an element, flagged.
     assert c.promoted and c.result_bytes == 64 * 256 * 4
+
+
+def test_llama_1b_preset_has_the_published_size(repo):
+    m = load_config(repo / "configs" / "llama_1b.yaml").model
+    assert m.num_params() == 1_235_814_400  # Llama 3.2 1B: 1.24B with tied embeddings
+    assert (m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.d_ff, m.vocab_size) == (2048, 16, 32, 8, 64, 8192, 128256)
+    assert m.tie_embeddings and m.rope_theta == 500_000.0
