@@ -33,6 +33,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, str | None]:
     return load_config(args.config, overrides), args.mesh
 
 
-def fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+def fail(error: Exception | str, code: int = 2) -> int:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of a multi-process job (see jaxbig.parallel.distributed for the env and SLURM fallbacks)."""
+    group = parser.add_argument_group("multi-process (all three, or none for one process)")
+    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT", help="process 0's address and a free port")
+    group.add_argument("--num_processes", type=int, default=None, help="processes in the job")
+    group.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1 (0 hosts the coordinator)")
+    group.add_argument(
+        "--heartbeat_timeout", type=int, default=None, metavar="SECONDS", help="a process silent this long stops the whole job (default 15)"
+    )

@@ -23,3 +23,23 @@ def emulate_cpu_devices(count: int = 8) -> None:
         return
     if "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
+
+
+def use_cpu_devices(count: int) -> None:
+    """Runs JAX on the CPU with exactly `count` emulated devices (for planning a mesh of that size).
+
+    Unlike `emulate_cpu_devices` this overrides the user's setting and any accelerator: a plan
+    emulates the mesh it is asked about. It must run before JAX creates its devices.
+    """
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
+    if "jax" in sys.modules:
+        import jax
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            if jax.default_backend() == "cpu" and jax.device_count() >= count:
+                return  # already enough (e.g. inside the test suite): a smaller mesh uses the first devices
+            raise RuntimeError(f"JAX already started with {jax.device_count()} {jax.default_backend()} devices; {count} CPU devices are needed")
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", count)

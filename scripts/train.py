@@ -2,37 +2,54 @@
 
 Runs on 8 emulated CPU devices when no accelerator is present. Re-running with the same
 --run_dir resumes from its latest checkpoint; --fresh starts over.
+
+Several processes (hosts) form one job with --coordinator_address HOST:PORT --num_processes N
+--process_id I on each (or JAXBIG_COORDINATOR / JAXBIG_NUM_PROCESSES / JAXBIG_PROCESS_ID, or
+SLURM's srun variables). On CPU the 8 emulated devices are split over the processes unless
+JAX_NUM_CPU_DEVICES sets a per-process count.
 """
 
 from __future__ import annotations
 
 import argparse
+import traceback
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from jaxbig.runtime import emulate_cpu_devices  # noqa: E402
-
-emulate_cpu_devices(8)
-
-from jaxbig.cli import add_config_args, config_from_args, fail  # noqa: E402
+from jaxbig.cli import add_config_args, add_distributed_args, config_from_args, fail  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
+import jax  # noqa: E402
+
+from jaxbig.parallel import distributed  # noqa: E402
+from jaxbig.runtime import emulate_cpu_devices  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    add_distributed_args(parser)
     parser.add_argument("--fresh", action="store_true", help="delete the run_dir's checkpoints and metrics and start over")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = parser.parse_args(argv)
     try:
+        spec = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
+        processes = spec.num_processes if spec else 1
+        emulate_cpu_devices(8 // processes if 8 % processes == 0 else 1)  # before JAX creates its devices
+        distributed.initialize(spec, heartbeat_timeout_s=args.heartbeat_timeout)
         cfg, mesh_spec = config_from_args(args)
         from jaxbig.train.loop import train
 
-        train(cfg, mesh_spec=mesh_spec, fresh=args.fresh, progress=not args.no_progress)
+        train(cfg, mesh_spec=mesh_spec, fresh=args.fresh, progress=not args.no_progress and spec is None)
     except ConfigError as e:
-        return fail(e)
+        return distributed.leave(fail(e))
+    except Exception as e:  # in a multi-process job: say which process failed, then stop the job at once
+        if not distributed.is_multiprocess():
+            raise
+        if not isinstance(e, jax.errors.JaxRuntimeError):  # a lost peer needs no traceback; a bug does
+            traceback.print_exc()
+        return distributed.leave(fail(distributed.failure_message(e), code=1))
     return 0
 
 

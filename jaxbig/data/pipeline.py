@@ -3,8 +3,9 @@
 A training example is a window of T+1 tokens cut at a stride of T from the token stream
 (inputs are the first T, targets the last T). Windows are shuffled per epoch with the run's
 seed, and batch number `step` is a pure function of (seed, step), so a resumed run reads
-exactly the batches it would have read. Each process reads only its stride of the windows
-and assembles its rows into the global array.
+exactly the batches it would have read. Each process reads only the rows of each global
+batch that its own devices hold (`process_rows`) and assembles them into the global array, so
+the global batch at step s is the same, row for row, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -52,26 +53,55 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
             f"train.batch_size={batch_size} is not divisible by data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {replicas}; "
             f"use a multiple of {replicas}"
         )
-    if batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
 
 
-def to_global(local_rows: np.ndarray, sharding: NamedSharding) -> Batch:
-    """This process's rows [B/P, T+1] -> a global batch of inputs and targets [B, T]."""
+def process_rows(sharding: NamedSharding, batch_size: int, devices=None) -> np.ndarray:
+    """Indices of the global batch rows held by `devices` (default: this process's), ascending.
+
+    With the batch split over data x fsdp, a process whose devices sit on one data shard reads
+    B / (data x fsdp) rows; processes whose devices replicate the same rows (e.g. tensor or
+    pipeline spanning processes) read the same rows, as `make_array_from_process_local_data` needs.
+    """
+    devices = sharding.addressable_devices if devices is None else set(devices)
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map((batch_size, 1)).items():
+        if device in devices:
+            rows.update(range(*index[0].indices(batch_size)))
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def to_global(local_rows: np.ndarray, sharding: NamedSharding, batch_size: int) -> Batch:
+    """This process's rows [R, T+1] (ascending global row order) -> a global batch of inputs and targets [B, T]."""
+    shape = (batch_size, local_rows.shape[1] - 1)
     return {
-        "inputs": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, :-1])),
-        "targets": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, 1:])),
+        "inputs": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, :-1]), shape),
+        "targets": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, 1:]), shape),
     }
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
-    """Infinite MapDataset of this process's rows of each global batch: index `step` -> [B/P, T+1]."""
+class _BatchRows:
+    """grain random-access source: index `step` -> rows `rows` of global batch `step` of `windows`."""
+
+    def __init__(self, windows: grain.MapDataset, batch_size: int, rows: np.ndarray):
+        self.windows, self.batch_size, self.rows = windows, batch_size, rows
+
+    def __len__(self) -> int:
+        return len(self.windows) // self.batch_size
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        base = int(step) * self.batch_size
+        return np.stack([self.windows[base + int(r)] for r in self.rows])
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rows: np.ndarray, shuffle: bool = True) -> grain.MapDataset:
+    """Infinite MapDataset of one process's rows of each global batch: index `step` -> [len(rows), T+1].
+
+    Global batch `step` is windows step*B .. step*B+B-1 of the shuffled, repeated window stream.
+    """
     ds = grain.MapDataset.source(WindowSource(tokens, seq_len))
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat()
-    ds = ds[jax.process_index() :: jax.process_count()]
-    return ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+    return grain.MapDataset.source(_BatchRows(ds.repeat(), batch_size, rows))
 
 
 def train_batches(
@@ -87,17 +117,17 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Global training batches from `start_step` on, prefetched by grain reader threads."""
     check_batch_divides(batch_size, mesh)
-    ds = train_dataset(tokens, seq_len, batch_size, seed, shuffle)[start_step:]
-    options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     sharding = batch_sharding(mesh, batch_size, seq_len)
+    ds = train_dataset(tokens, seq_len, batch_size, seed, process_rows(sharding, batch_size), shuffle)[start_step:]
+    options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     for rows in ds.to_iter_dataset(options):
-        yield to_global(rows, sharding)
+        yield to_global(rows, sharding, batch_size)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, mesh: Mesh, num_batches: int) -> list[Batch]:
     """The first `num_batches` validation batches, in order (wrapping round a short split)."""
     check_batch_divides(batch_size, mesh)
-    ds = grain.MapDataset.source(WindowSource(tokens, seq_len)).repeat()
-    ds = ds[jax.process_index() :: jax.process_count()].batch(batch_size // jax.process_count(), drop_remainder=True)
     sharding = batch_sharding(mesh, batch_size, seq_len)
-    return [to_global(ds[i], sharding) for i in range(num_batches)]
+    windows = grain.MapDataset.source(WindowSource(tokens, seq_len)).repeat()
+    ds = grain.MapDataset.source(_BatchRows(windows, batch_size, process_rows(sharding, batch_size)))
+    return [to_global(ds[i], sharding, batch_size) for i in range(num_batches)]

@@ -5,6 +5,10 @@ For each collective it sums the result shapes (tuples included) and estimates th
 device sends with the ring algorithm factors: all-reduce 2(n-1)/n, all-gather, reduce-scatter
 and all-to-all (n-1)/n of the full (gathered / unscattered) buffer, collective-permute 1.
 n is the replica-group size; the group tells which mesh axes the collective runs over.
+
+A collective inside a loop body runs once per iteration: `Collective.count` is how many times
+it runs per call of the program (the product of the `known_trip_count`s of the while loops
+around it, e.g. the layer scan's L), and `collective_bytes` counts every run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class Collective:
     result_bytes: float  # bytes of the op's result on one device
     group_size: int  # devices in one replica group
     axes: tuple[str, ...]  # mesh axes the group spans (empty when unknown)
+    count: int = 1  # runs per call of the program (loop trip counts multiplied); 1 outside loops
+    count_known: bool = True  # False if an enclosing loop's trip count is not known at compile time
+    promoted: bool = False  # a reduction the XLA CPU backend widened (bf16 -> f32); half the bytes elsewhere
 
     @property
     def wire_bytes(self) -> float:
@@ -79,10 +86,10 @@ def _groups(rest: str) -> list[list[int]] | None:
 
 
 def _axes_of(group: list[int], mesh: Mesh | None) -> tuple[str, ...]:
-    """Mesh axes along which the devices of `group` differ."""
+    """Mesh axes along which the devices of `group` differ (ids index the device assignment, i.e. the mesh's devices in order)."""
     if mesh is None or len(group) < 2:
         return ()
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
     coords = [np.argwhere(ids == g)[0] for g in group if (ids == g).any()]
     if len(coords) < 2:
         return ()
@@ -95,7 +102,15 @@ def _group_and_axes(kind: str, rest: str, mesh: Mesh | None) -> tuple[int, tuple
     if m:
         sizes = {k.strip("'"): int(v) for k, v in re.findall(r"('[^']+'|\w+)=(\d+)", m.group(1))}
         axes = tuple(a.strip().strip("'") for a in m.group(2).split(",") if a.strip())
-        return math.prod(sizes.get(a, 1) for a in axes), tuple(a for a in axes if sizes.get(a, 1) > 1)
+        size = math.prod(sizes.get(a, 1) for a in axes)
+        if mesh is not None and not set(sizes) <= set(mesh.axis_names):
+            # Anonymous axes (`mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`): an iota of the device
+            # assignment reshaped to these sizes; the group is one line along the named axes.
+            names = list(sizes)
+            ids = np.arange(math.prod(sizes.values())).reshape(list(sizes.values()))
+            index = tuple(slice(None) if n in axes else 0 for n in names)
+            return size, _axes_of(ids[index].reshape(-1).tolist(), mesh)
+        return size, tuple(a for a in axes if sizes.get(a, 1) > 1)
     if kind == "collective-permute":
         m = _PAIRS.search(rest)
         pairs = [[int(x) for x in p.split(",")] for p in re.findall(r"\{([0-9,]+)\}", m.group(1))] if m else []
@@ -121,25 +136,90 @@ def _result_text(result: str, is_start: bool) -> str:
     return result
 
 
-def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
-    """Every collective in the program text (async `-start` ops counted once, `-done` ignored)."""
-    out = []
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*->.*\{\s*$")
+_CALLEES = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_WHILE_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines}, and the ENTRY computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
     for line in hlo_text.splitlines():
-        m = _OP.match(line)
-        if not m:
-            continue
-        kind, rest = m.group("kind"), m.group("rest")
-        is_start = f"{kind}-start(" in line
-        size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
-        group_size, axes = _group_and_axes(kind, rest, mesh)
-        out.append(Collective(kind, size, group_size, axes))
+        m = _COMPUTATION.match(line)
+        if m and not line.startswith(" "):
+            current = m.group("name")
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _run_counts(comps: dict[str, list[str]], entry: str | None) -> dict[str, tuple[int, bool]]:
+    """How many times each computation runs per program call, and whether every trip count was known."""
+    if entry is None:
+        return {name: (1, True) for name in comps}
+    edges: dict[str, list[tuple[str, int, bool]]] = {name: [] for name in comps}
+    for name, lines in comps.items():
+        for line in lines:
+            callees = _CALLEES.findall(line)
+            for group in _BRANCHES.findall(line):
+                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+            body = _WHILE_BODY.search(line) if " while(" in line else None
+            trip = _TRIP.search(line) if body else None
+            for callee in callees:
+                if callee not in comps:
+                    continue
+                if body and callee == body.group(1):
+                    edges[name].append((callee, int(trip.group(1)) if trip else 1, trip is not None))
+                else:  # a while condition runs trip+1 times, but holds no collectives worth counting
+                    edges[name].append((callee, 1, True))
+    counts: dict[str, list] = {}
+
+    def visit(name: str, n: int, known: bool, depth: int = 0) -> None:
+        if depth > 64:  # pragma: no cover - HLO call graphs are acyclic and shallow
+            raise ValueError(f"HLO call graph deeper than 64 at {name}")
+        c = counts.setdefault(name, [0, True])
+        c[0] += n
+        c[1] = c[1] and known
+        for callee, trip, trip_known in edges[name]:
+            visit(callee, n * trip, known and trip_known, depth + 1)
+
+    visit(entry, 1, True)
+    return {name: (c[0], c[1]) for name, c in counts.items()}
+
+
+def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
+    """Every collective in the program text (async `-start` ops counted once, `-done` ignored), with its run count."""
+    comps, entry = _computations(hlo_text)
+    runs = _run_counts(comps, entry)
+    out = []
+    for name, lines in comps.items():
+        count, known = runs.get(name, (1, True))
+        for line in lines:
+            m = _OP.match(line)
+            if not m:
+                continue
+            kind, rest = m.group("kind"), m.group("rest")
+            is_start = f"{kind}-start(" in line
+            size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
+            group_size, axes = _group_and_axes(kind, rest, mesh)
+            promoted = re.search(r"to_apply=%?[\w.\-]*_promoted\b", rest) is not None
+            out.append(Collective(kind, size, group_size, axes, count, known, promoted))
     return out
 
 
 def collective_bytes(hlo_text: str, mesh: Mesh | None = None, over: str | None = None) -> dict[str, float]:
-    """Estimated bytes sent per device per kind; with `over`, only collectives spanning that mesh axis."""
+    """Estimated bytes sent per device per kind and program call (loop iterations included); with
+    `over`, only collectives spanning that mesh axis."""
     totals = {k: 0.0 for k in KINDS}
     for c in parse_collectives(hlo_text, mesh):
         if over is None or over in c.axes:
-            totals[c.kind] += c.wire_bytes
+            totals[c.kind] += c.wire_bytes * c.count
     return totals

@@ -15,6 +15,11 @@ Layout (Megatron + ZeRO-3):
   replicate the embedding's gradient), so the embedding, the head and the loss, which run
   outside the pipeline, are data-parallel over the stages instead of computed on each.
   Inside the pipeline's `shard_map` the manual `pipeline` axis is left out of constraints.
+
+KV heads fewer than tensor shards (e.g. 8 KV heads on tensor=16) are replicated over tensor:
+`logical_to_spec` leaves out an axis that does not divide the dimension. That is allowed and
+cheap (K/V weights are a small share under GQA); other non-dividing sizes (query heads, d_ff,
+vocab over tensor; d_model over fsdp) are refused up front by `jaxbig.parallel.guards`.
 """
 
 from __future__ import annotations

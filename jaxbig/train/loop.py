@@ -19,6 +19,7 @@ from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import build_optimizer
+from jaxbig.parallel.guards import check_layout
 from jaxbig.parallel.mesh import check_fits, make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, layer_runner, num_microbatches
 from jaxbig.train import metrics as metrics_lib
@@ -28,8 +29,13 @@ from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, mak
 CONFIG_FILE = "config.yaml"
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
-    """Refuses to mix two different runs in one directory; `fresh` clears an old run first."""
+def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
+    """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
+
+    Every process checks (so all of them refuse together); only the main process deletes and writes.
+    """
+    if fresh and not is_main:
+        return  # the main process is clearing the directory
     if fresh and run_dir.exists():
         for name in ("checkpoints", "tb", "metrics.jsonl", "summary.json", CONFIG_FILE):
             path = run_dir / name
@@ -49,8 +55,11 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> None:
                 + ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 + "); pass --fresh to start over there, or choose another --run_dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(cfg.to_yaml())
+    if is_main:  # written atomically: other processes may be reading it for the check above
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(saved)
 
 
 def train(
@@ -69,12 +78,12 @@ def train(
     if cfg.model.vocab_size < ByteTokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} tokens; use >= 256")
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
+    check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
     check_batch_divides(cfg.train.batch_size, mesh)
     check_fits(cfg, dict(mesh.shape))
     run_layers = layer_runner(mesh, cfg.parallel)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
-    if is_main:
-        _prepare_run_dir(cfg, run_dir, fresh)
+    _prepare_run_dir(cfg, run_dir, fresh, is_main)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     bsharding = batch_sharding(mesh, B, T)
@@ -110,7 +119,8 @@ def train(
         say = tqdm.write if progress else print
         if is_main:
             say(
-                f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices | "
+                f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices"
+                f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''} | "
                 f"{pipeline_note}corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
@@ -122,7 +132,7 @@ def train(
             manager.close()
             writer.close()
             return summary
-        if start:
+        if start and is_main:
             say(f"resuming from the checkpoint at step {start}")
 
         summary["initial_eval_loss"] = mean_loss(eval_step, state.params, val)

@@ -23,12 +23,12 @@ def _machine_key(device: jax.Device, dtype: str, n: int) -> str:
 
 
 def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5, use_cache: bool = True) -> float:
-    """Best observed FLOP/s of one n x n matmul on the first device (cached per machine).
+    """Best observed FLOP/s of one n x n matmul on this process's first device (cached per machine).
 
     On CPU all emulated devices share the same cores, so this one-device figure is the whole
     machine's peak; on accelerators the machine's peak is this times the device count.
     """
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # in a multi-process job jax.devices()[0] may be another process's
     key = _machine_key(device, dtype, n)
     cache = _cache_path()
     if use_cache and cache.is_file():
