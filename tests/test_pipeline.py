@@ -192,7 +192,7 @@ def _cfg(**sections) -> Config:
             {"pipeline": 4},
             "parallel.microbatches=2 is fewer than the 4 pipeline stages; the circular schedule needs microbatches >= stages",
         ),
-        (_cfg(model=dataclasses.replace(CFG, num_heads=6, num_kv_heads=2)), {"tensor": 4}, "model.num_heads=6 is not divisible by mesh.tensor=4"),
+        (_cfg(model=dataclasses.replace(CFG, num_heads=6, num_kv_heads=2)), {"tensor": 4}, "model.num_heads=6 is not divisible by mesh tensor=4"),
     ],
 )
 def test_layouts_that_do_not_divide_name_the_numbers(cfg, mesh, message):

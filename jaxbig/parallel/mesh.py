@@ -103,15 +103,11 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None, spec: str | None = N
 def check_fits(cfg: Config, mesh_shape: Mapping[str, int]) -> None:
     """Raises a ConfigError naming the numbers and the fix when the model does not split evenly over the mesh.
 
-    Query heads must divide over tensor (fewer KV heads than tensor shards are replicated,
-    as grouped-query attention allows); layers, microbatches and the batch must fit the
-    pipeline (`jaxbig.parallel.pipeline.check_pipeline`). The batch vs data x fsdp check is
-    the data pipeline's (`check_batch_divides`).
+    Heads, d_ff and vocab over tensor, d_model over fsdp (`jaxbig.parallel.guards.check_divisibility`);
+    layers, microbatches and the batch over the pipeline (`jaxbig.parallel.pipeline.check_pipeline`).
+    The batch vs data x fsdp check is the data pipeline's (`check_batch_divides`).
     """
-    heads, tensor = cfg.model.num_heads, mesh_shape.get("tensor", 1)
-    if heads % tensor:
-        raise ConfigError(
-            f"model.num_heads={heads} is not divisible by mesh.tensor={tensor}; tensor parallelism gives each device "
-            f"num_heads/tensor query heads: use a tensor size that divides {heads} or change model.num_heads"
-        )
+    from jaxbig.parallel.guards import check_divisibility  # guards imports the train state, which imports this package
+
+    check_divisibility(cfg.model, dict(mesh_shape))
     check_pipeline(cfg, mesh_shape)

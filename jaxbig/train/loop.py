@@ -20,8 +20,8 @@ from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import build_optimizer
 from jaxbig.parallel.guards import check_layout
-from jaxbig.parallel.mesh import check_fits, make_mesh
-from jaxbig.parallel.pipeline import bubble_fraction, layer_runner, num_microbatches
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
 from jaxbig.train import metrics as metrics_lib
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
@@ -80,7 +80,7 @@ def train(
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
     check_batch_divides(cfg.train.batch_size, mesh)
-    check_fits(cfg, dict(mesh.shape))
+    check_pipeline(cfg, dict(mesh.shape))
     run_layers = layer_runner(mesh, cfg.parallel)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
