@@ -12,7 +12,6 @@ pipeline bubble. See jaxbig/parallel/plan.py.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import sys
 from pathlib import Path
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [parse_mesh_spec(s) for s in specs]
         use_cpu_devices(args.devices or max(devices_needed(s) for s in sizes))
         from jaxbig.parallel.mesh import make_mesh
-        from jaxbig.parallel.plan import axes_breakdown, format_plan, markdown_table, plan_layout, write_section
+        from jaxbig.parallel.plan import benchmark_section, format_plan, plan_layout, write_section
 
         name = Path(args.config).stem if args.config else "tiny"
         plans = []
@@ -66,27 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(e)
     if args.write_benchmarks:
-        import jax
-
         command = "python scripts/plan.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-        body = "\n".join(
-            [
-                f"Command: `{command}`  ",
-                f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; XLA CPU backend, 8 emulated devices  ",
-                f"Model: {name} ({plans[0].num_params / 1e6:.2f}M params), global batch {plans[0].batch[0]}x{plans[0].batch[1]} tokens, "
-                "one train step (forward, backward, AdamW update)  ",
-                "Bytes are what one device sends per step, ring estimate (all-reduce 2(n-1)/n of the buffer, all-gather and "
-                "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer. "
-                "On CPU, XLA reduces FSDP gradients with all-reduce rather than reduce-scatter (see docs/parallelism.md).",
-                "",
-                markdown_table(plans),
-                "",
-                "Bytes by the mesh axes each collective runs over:",
-                "",
-                *(f"- {axes_breakdown(p)}" for p in plans),
-            ]
-        )
-        write_section(DOC, START, END, body, "## Collective bytes per step by layout (scripts/plan.py)")
+        write_section(DOC, START, END, benchmark_section(plans, command), "## Collective bytes per step by layout (scripts/plan.py)")
         print(f"wrote {DOC}")
     return 0
 

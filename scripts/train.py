@@ -12,16 +12,16 @@ JAX_NUM_CPU_DEVICES sets a per-process count.
 from __future__ import annotations
 
 import argparse
-import traceback
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import jax  # noqa: E402  (importing creates no devices; emulate_cpu_devices below still takes effect)
+
 from jaxbig.cli import add_config_args, add_distributed_args, config_from_args, fail  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
-import jax  # noqa: E402
-
 from jaxbig.parallel import distributed  # noqa: E402
 from jaxbig.runtime import emulate_cpu_devices  # noqa: E402
 

@@ -78,6 +78,9 @@ def test_collectives_in_a_loop_count_once_per_iteration():
     (gather,) = [c for c in parse_collectives(hlo, mesh) if c.kind == "all-gather"]
     assert (gather.count, gather.count_known, gather.axes, gather.result_bytes) == (5, True, ("fsdp",), 64 * 64 * 4)
     assert collective_bytes(hlo, mesh, over="fsdp")["all-gather"] == 5 * 64 * 64 * 4 * 7 / 8
+    (line,) = [ln for ln in hlo.splitlines() if " all-gather(" in ln]
+    (alone,) = parse_collectives(line, mesh)  # a lone instruction line still parses, run once
+    assert (alone.count, alone.axes) == (1, ("fsdp",))
 
 
 def test_divisibility_errors_name_the_numbers_and_the_fix():

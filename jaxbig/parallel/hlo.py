@@ -158,6 +158,8 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
             current = None
         elif current is not None:
             comps[current].append(line)
+    if not comps:  # a fragment (instruction lines only): one computation, run once
+        comps[""] = hlo_text.splitlines()
     return comps, entry
 
 

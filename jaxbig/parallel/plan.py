@@ -24,7 +24,9 @@ an estimate there, while params and optimizer state follow from the layout alone
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -256,6 +258,30 @@ def axes_breakdown(p: Plan) -> str:
     return f"{layout}: " + ("; ".join(parts) if parts else "no collectives")
 
 
+def benchmark_section(plans: list[Plan], command: str) -> str:
+    """The docs/benchmarks.md section: how it was measured, the table, and the bytes by mesh axes."""
+    first = plans[0]
+    return "\n".join(
+        [
+            f"Command: `{command}`  ",
+            f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; XLA CPU backend, "
+            f"{max(p.devices for p in plans)} emulated devices on {os.cpu_count()} CPU cores, 1-minute load average "
+            f"{os.getloadavg()[0]:.1f} (compile times vary with it; the bytes do not)  ",
+            f"Model: {first.name} ({first.num_params / 1e6:.2f}M params), global batch {first.batch[0]}x{first.batch[1]} tokens, "
+            "one train step (forward, backward, AdamW update)  ",
+            "Bytes are what one device sends per step, ring estimate (all-reduce 2(n-1)/n of the buffer, all-gather and "
+            "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer. "
+            "On CPU, XLA reduces FSDP gradients with all-reduce rather than reduce-scatter (see docs/parallelism.md).",
+            "",
+            markdown_table(plans),
+            "",
+            "Bytes by the mesh axes each collective runs over:",
+            "",
+            *(f"- {axes_breakdown(p)}" for p in plans),
+        ]
+    )
+
+
 def write_section(path: Path, start: str, end: str, body: str, title: str) -> None:
     """Replaces the text between the `start`/`end` markers in `path` (appending `title` and the section if missing)."""
     text = path.read_text() if path.is_file() else ""
@@ -277,4 +303,4 @@ def devices_needed(sizes: dict[str, int]) -> int:
     return int(np.prod(list(sizes.values())))
 
 
-__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "check_plannable", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
+__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "benchmark_section", "check_plannable", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
