@@ -24,7 +24,16 @@ from jaxbig.config import ConfigError, MeshConfig, load_config  # noqa: E402
 from jaxbig.parallel.mesh import format_mesh, parse_mesh_spec  # noqa: E402
 from jaxbig.runtime import use_cpu_devices  # noqa: E402
 
-LAYOUTS = ("data=8", "fsdp=8", "data=4,tensor=2", "data=2,fsdp=2,tensor=2")  # --all-layouts, 8 devices each
+# --all-layouts, 8 devices each: a mesh spec, then any config overrides for that layout (the pipeline schedule).
+LAYOUTS = (
+    "data=8",
+    "fsdp=8",
+    "data=4,tensor=2",
+    "data=2,fsdp=2,tensor=2",
+    "data=2,tensor=2,pipeline=2",
+    "data=2,tensor=2,pipeline=2 parallel.schedule=circular parallel.repeats=2",
+    "tensor=2,pipeline=4",
+)
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:collectives:start -->", "<!-- bench:collectives:end -->"
 
@@ -35,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=None, help="train.batch_size (global sequences per step)")
     parser.add_argument("--seq_len", type=int, default=None, help="data.seq_len")
     parser.add_argument("--devices", type=int, default=None, help="emulated devices when the mesh has a -1 axis")
-    parser.add_argument("--all-layouts", action="store_true", help=f"plan each of {', '.join(LAYOUTS)}")
+    parser.add_argument("--all-layouts", action="store_true", help=f"plan each of {'; '.join(LAYOUTS)}")
     parser.add_argument("--write-benchmarks", action="store_true", help=f"with --all-layouts: write the table into {DOC.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     if args.write_benchmarks and not args.all_layouts:
         parser.error("--write-benchmarks needs --all-layouts")
     if args.all_layouts == (args.mesh is not None):
         parser.error("give either --mesh or --all-layouts")
-    specs = LAYOUTS if args.all_layouts else (args.mesh,)
+    layouts = [entry.split() for entry in LAYOUTS] if args.all_layouts else [[args.mesh]]
+    specs = [spec for spec, *_ in layouts]
     overrides = list(args.set)
     for flag, key in (("steps", "train.steps"), ("run_dir", "train.run_dir"), ("seed", "train.seed"), ("batch_size", "train.batch_size"), ("seq_len", "data.seq_len")):
         if getattr(args, flag) is not None:
@@ -57,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
         name = Path(args.config).stem if args.config else "tiny"
         plans = []
-        for spec, size in zip(specs, sizes):
-            cfg = load_config(args.config, overrides + [f"mesh.{k}={v}" for k, v in size.items()])
+        for (spec, *layout_sets), size in zip(layouts, sizes):
+            cfg = load_config(args.config, overrides + layout_sets + [f"mesh.{k}={v}" for k, v in size.items()])
             p = plan_layout(cfg, make_mesh(MeshConfig(**size), spec=spec), name=name)
             print(format_plan(p), flush=True)
             plans.append(p)

@@ -14,6 +14,7 @@ from jaxbig.config import ConfigError, MeshConfig, ModelConfig, load_config
 from jaxbig.parallel.guards import check_divisibility, check_fsdp_replication, replicated_over
 from jaxbig.parallel.hlo import collective_bytes, parse_collectives
 from jaxbig.parallel.mesh import make_mesh, parse_mesh_spec
+from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
 from jaxbig.parallel.plan import analytic_param_bytes, pipeline_bubble, plan_layout
 from jaxbig.parallel.rules import RULES, tree_shardings
 from jaxbig.train.state import logical_axes
@@ -60,10 +61,22 @@ def test_pipeline_bubble_formula():
     assert pipeline_bubble(4, 8, repeats=2) == pytest.approx(3 / 19)  # circular (p-1)/(v*m+p-1)
 
 
-def test_plan_refuses_pipeline_like_the_train_loop():
-    cfg = _cfg("data=4,pipeline=2")
-    with pytest.raises(ConfigError, match="mesh.pipeline=2: pipeline parallelism is not implemented yet"):
-        plan_layout(cfg, make_mesh(cfg.mesh))
+def test_plan_compiles_the_pipeline_schedule_the_loop_runs():
+    spec = "data=2,tensor=2,pipeline=2"
+    cfg = _cfg(spec)  # 2 layers, one per stage; batch 8 = data 2 x 4 microbatches (2 x stages)
+    p = plan_layout(cfg, make_mesh(cfg.mesh, spec=spec), name="small")
+    assert abs(p.param_error) < 0.01  # the layer stack split over pipeline, as analytic_param_bytes assumes
+    assert p.param_bytes_analytic == pytest.approx(analytic_param_bytes(cfg.model, {"data": 2, "tensor": 2, "pipeline": 2}))
+    assert p.bubble == pytest.approx(bubble_fraction(2, num_microbatches(cfg.parallel, 2), 1)) == pytest.approx(1 / 5)
+    assert p.schedule == "gpipe, 4 microbatches"
+    # activations move between stages: ppermutes over pipeline, once per schedule step (loop trip counts known)
+    assert p.collective_axes["collective-permute"].get("pipeline", 0) > 0 and not p.unknown_trip_counts
+
+
+def test_plan_refuses_a_pipeline_the_loop_refuses():
+    cfg = _cfg("data=2,pipeline=2", "parallel.microbatches=3")
+    with pytest.raises(ConfigError, match="parallel.microbatches=3 is not a multiple of the 2 pipeline stages"):
+        plan_layout(cfg, make_mesh(cfg.mesh, spec="data=2,pipeline=2"))
 
 
 def test_collectives_in_a_loop_count_once_per_iteration():
@@ -128,8 +141,8 @@ def test_plan_script(repo):
     out = subprocess.run([sys.executable, "scripts/plan.py", "--mesh", "data=2,fsdp=2", *sets], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mesh data=2,pipeline=1,fsdp=2,tensor=1 (4 devices)" in out.stdout and "(+0.00%)" in out.stdout
-    bad = subprocess.run([sys.executable, "scripts/plan.py", "--mesh", "fsdp=16,tensor=8,pipeline=2"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "mesh.pipeline=2: pipeline parallelism is not implemented yet" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "scripts/plan.py", "--mesh", "data=2,pipeline=4", *sets], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model.num_layers=2 is not divisible by pipeline stages x repeats = 4 x 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_benchmark_section_is_replaced_and_the_rest_kept(tmp_path, repo):

@@ -12,6 +12,11 @@ mesh, and reads from the compiled program:
   loop bodies counted once per iteration);
 - the pipeline bubble (p-1)/(v*m+p-1) for p stages, m microbatches and v repeats.
 
+The step is built the way the train loop builds it (`jaxbig.train.loop.train`): the same layout,
+batch and pipeline checks, and the layer runner for the mesh (`layer_runner`: a plain scan, or the
+configured GPipe/circular schedule over the `pipeline` axis), so a pipeline layout is planned with
+the collective-permutes and microbatch loop it would run.
+
 The analytic per-device param bytes (`analytic_param_bytes`) come from the model's shapes and
 the mesh sizes alone, for comparison with the compiled figure.
 
@@ -36,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxbig.config import Config, ConfigError, ModelConfig
+from jaxbig.config import Config, ConfigError, ModelConfig, ParallelConfig
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import build_optimizer
 from jaxbig.parallel.guards import check_layout
 from jaxbig.parallel.hlo import KINDS, parse_collectives
+from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
 from jaxbig.train.state import abstract_train_state, logical_axes
 from jaxbig.train.step import jit_train_step, make_train_step
 
@@ -48,11 +54,10 @@ GiB = 2**30
 
 
 def pipeline_bubble(stages: int, microbatches: int, repeats: int = 1) -> float:
-    """Idle share of a GPipe/circular step: (p-1)/(v*m+p-1); 0 without pipelining."""
+    """Idle share of a GPipe/circular step: (p-1)/(v*m+p-1), m as the schedule runs it (0 = 2 x stages); 0 without pipelining."""
     if stages <= 1:
         return 0.0
-    m = microbatches or 2 * stages  # ParallelConfig: 0 means 2 x stages
-    return (stages - 1) / (repeats * m + stages - 1)
+    return bubble_fraction(stages, num_microbatches(ParallelConfig(microbatches=microbatches), stages), repeats)
 
 
 def analytic_param_bytes(model: ModelConfig, sizes: dict[str, int]) -> float:
@@ -107,6 +112,7 @@ class Plan:
     promoted_bytes: float  # of the all-reduce bytes: bf16 reductions the CPU backend ran in f32
     unknown_trip_counts: bool  # some collective sits in a loop of unknown length (counted once)
     bubble: float
+    schedule: str  # "" without a pipeline axis, else e.g. "gpipe, 4 microbatches" or "circular x2, 8 microbatches"
     lower_s: float
     compile_s: float
 
@@ -120,25 +126,21 @@ class Plan:
         return self.param_bytes / self.param_bytes_analytic - 1.0
 
 
-def check_plannable(cfg: Config) -> None:
-    """The layouts the train step supports today (the same refusal as the train loop)."""
-    if cfg.mesh.pipeline != 1:
-        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1")
-
-
 def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
     """Compiles cfg's train step for `mesh` on abstract inputs and reads its per-device memory and traffic."""
-    check_plannable(cfg)
+    # The train loop's checks and layer runner (jaxbig/train/loop.py), in its order.
     check_layout(cfg.model, mesh)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     check_batch_divides(B, mesh)
+    check_pipeline(cfg, dict(mesh.shape))
+    run_layers = layer_runner(mesh, cfg.parallel)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         _, shardings, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
         graphdef, _, _ = logical_axes(cfg.model)
         bsharding = batch_sharding(mesh, B, T)
         batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsharding) for k in ("inputs", "targets")}
-        step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, bsharding)
+        step = jit_train_step(make_train_step(graphdef, tx, schedule, run_layers), shardings, bsharding)
         t0 = time.perf_counter()
         lowered = step.lower(abstract, batch)
         t1 = time.perf_counter()
@@ -157,6 +159,8 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
         by_axes[c.kind][key] = by_axes[c.kind].get(key, 0.0) + sent
         runs[c.kind] += c.count
     sizes = dict(mesh.shape)
+    stages = sizes.get("pipeline", 1)
+    m, v = num_microbatches(cfg.parallel, stages), cfg.parallel.repeats
     return Plan(
         name=name,
         mesh=sizes,
@@ -177,7 +181,8 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
         collective_runs=runs,
         promoted_bytes=sum(c.wire_bytes * c.count for c in collectives if c.promoted),
         unknown_trip_counts=any(not c.count_known for c in collectives),
-        bubble=pipeline_bubble(cfg.mesh.pipeline, cfg.parallel.microbatches, cfg.parallel.repeats),
+        bubble=bubble_fraction(stages, m, v) if stages > 1 else 0.0,
+        schedule=f"{cfg.parallel.schedule}{f' x{v}' if v > 1 else ''}, {m} microbatches" if stages > 1 else "",
         lower_s=t1 - t0,
         compile_s=t2 - t1,
     )
@@ -219,7 +224,7 @@ def format_plan(p: Plan) -> str:
         )
     if p.unknown_trip_counts:
         lines.append("  (some collectives sit in loops of unknown trip count and are counted once)")
-    lines.append(f"pipeline bubble: {p.bubble:.1%}" + (" (no pipeline axis)" if p.mesh.get("pipeline", 1) == 1 else ""))
+    lines.append(f"pipeline bubble: {p.bubble:.1%}" + (f" ({p.mesh['pipeline']} stages, {p.schedule})" if p.schedule else " (no pipeline axis)"))
     return "\n".join(lines)
 
 
@@ -228,11 +233,11 @@ def markdown_table(plans: list[Plan]) -> str:
     head = (
         "| layout | devices | params/device (analytic) | optimizer/device | temporaries/device | peak/device | "
         + " | ".join(KINDS)
-        + " | compile (s) |"
+        + " | bubble | compile (s) |"
     )
-    rows = [head, "|" + "---|" * 1 + "---:|" * (6 + len(KINDS))]
+    rows = [head, "|" + "---|" * 1 + "---:|" * (7 + len(KINDS))]
     for p in plans:
-        layout = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
+        layout = _layout(p)
         cells = [
             layout,
             str(p.devices),
@@ -241,15 +246,22 @@ def markdown_table(plans: list[Plan]) -> str:
             _size(p.temp_bytes),
             _size(p.peak_bytes),
             *(_size(p.collectives[k]) if p.collectives[k] else "0" for k in KINDS),
+            f"{p.bubble:.1%}" if p.schedule else "-",
             f"{p.compile_s:.1f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def _layout(p: Plan) -> str:
+    """`data=2,tensor=2,pipeline=2 (gpipe, 4 microbatches)`; the axes of size 1 left out."""
+    layout = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
+    return layout + (f" ({p.schedule})" if p.schedule else "")
+
+
 def axes_breakdown(p: Plan) -> str:
     """`data=4,tensor=2: all-reduce over tensor 6.0 MiB, over data 4.3 MiB; ...` (bytes per device per step)."""
-    layout = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
+    layout = _layout(p)
     parts = []
     for kind in KINDS:
         if p.collective_axes[kind]:
@@ -270,7 +282,9 @@ def benchmark_section(plans: list[Plan], command: str) -> str:
             f"Model: {first.name} ({first.num_params / 1e6:.2f}M params), global batch {first.batch[0]}x{first.batch[1]} tokens, "
             "one train step (forward, backward, AdamW update)  ",
             "Bytes are what one device sends per step, ring estimate (all-reduce 2(n-1)/n of the buffer, all-gather and "
-            "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer. "
+            "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer and those "
+            "inside a pipeline schedule's loop once per schedule step. Bubble: (p-1)/(v*m+p-1) for p stages, m microbatches, "
+            "v repeats. "
             "On CPU, XLA reduces FSDP gradients with all-reduce rather than reduce-scatter (see docs/parallelism.md).",
             "",
             markdown_table(plans),
@@ -303,4 +317,4 @@ def devices_needed(sizes: dict[str, int]) -> int:
     return int(np.prod(list(sizes.values())))
 
 
-__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "benchmark_section", "check_plannable", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
+__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "benchmark_section", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
