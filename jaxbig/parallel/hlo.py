@@ -5,6 +5,11 @@ For each collective it sums the result shapes (tuples included) and estimates th
 device sends with the ring algorithm factors: all-reduce 2(n-1)/n, all-gather, reduce-scatter
 and all-to-all (n-1)/n of the full (gathered / unscattered) buffer, collective-permute 1.
 n is the replica-group size; the group tells which mesh axes the collective runs over.
+
+A collective inside a `while` body runs once per iteration (e.g. the per-layer gradient
+all-reduces in the backward pass of a scanned model), so it counts `known_trip_count` times.
+A collective inside a `conditional` branch is counted as if its branch ran and is flagged
+(`Collective.conditional`), so a caller can amortise it (DiLoCo synchronises every H steps).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Collective:
     result_bytes: float  # bytes of the op's result on one device
     group_size: int  # devices in one replica group
     axes: tuple[str, ...]  # mesh axes the group spans (empty when unknown)
+    count: int = 1  # executions per run of the program (loop trip counts multiplied)
+    conditional: bool = False  # inside a conditional branch: runs only when that branch is taken
 
     @property
     def wire_bytes(self) -> float:
@@ -90,11 +97,28 @@ def _axes_of(group: list[int], mesh: Mesh | None) -> tuple[str, ...]:
     return tuple(name for i, name in enumerate(mesh.axis_names) if len(set(coords[:, i])) > 1)
 
 
+def _mesh_names(hlo_axes: tuple[tuple[str, int], ...], mesh: Mesh | None) -> dict[str, str]:
+    """HLO mesh axis name -> jax mesh axis name.
+
+    The compiler may drop a mesh's size-1 axes and call the rest `axis_0`, `axis_1`, ...; they
+    are then the jax mesh's axes larger than 1, in order, with the same sizes.
+    """
+    if mesh is None or all(name in mesh.axis_names for name, _ in hlo_axes):
+        return {}
+    big = [(name, size) for name, size in mesh.shape.items() if size > 1]
+    if [size for _, size in hlo_axes] == [size for _, size in big]:
+        return {hlo: name for (hlo, _), (name, _) in zip(hlo_axes, big)}
+    return {}
+
+
 def _group_and_axes(kind: str, rest: str, mesh: Mesh | None) -> tuple[int, tuple[str, ...]]:
     m = _GROUPS_MESH.search(rest)  # named form: replica_groups=mesh['data'=2,...] {'data','fsdp'}
     if m:
         sizes = {k.strip("'"): int(v) for k, v in re.findall(r"('[^']+'|\w+)=(\d+)", m.group(1))}
         axes = tuple(a.strip().strip("'") for a in m.group(2).split(",") if a.strip())
+        names = _mesh_names(tuple(sizes.items()), mesh)
+        sizes = {names.get(k, k): v for k, v in sizes.items()}
+        axes = tuple(names.get(a, a) for a in axes)
         return math.prod(sizes.get(a, 1) for a in axes), tuple(a for a in axes if sizes.get(a, 1) > 1)
     if kind == "collective-permute":
         m = _PAIRS.search(rest)
@@ -121,25 +145,82 @@ def _result_text(result: str, is_start: bool) -> str:
     return result
 
 
-def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
-    """Every collective in the program text (async `-start` ops counted once, `-done` ignored)."""
-    out = []
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """Computation name -> its instruction lines, and the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
     for line in hlo_text.splitlines():
-        m = _OP.match(line)
-        if not m:
-            continue
-        kind, rest = m.group("kind"), m.group("rest")
-        is_start = f"{kind}-start(" in line
-        size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
-        group_size, axes = _group_and_axes(kind, rest, mesh)
-        out.append(Collective(kind, size, group_size, axes))
+        m = _COMPUTATION.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _executions(comps: dict[str, list[str]], entry: str | None) -> dict[str, tuple[int, bool]]:
+    """Computation -> (runs per program run, whether it is reached through a conditional branch)."""
+    runs: dict[str, int] = {}
+    in_branch: dict[str, bool] = {}
+
+    def visit(name: str, times: int, branch: bool, depth: int = 0) -> None:
+        if name not in comps or depth > 64:
+            return
+        runs[name] = runs.get(name, 0) + times
+        in_branch[name] = in_branch.get(name, False) or branch
+        for line in comps[name]:
+            trip = _TRIP_COUNT.search(line)
+            for role, callee in _CALLEE.findall(line):
+                factor = int(trip.group(1)) if role == "body" and trip else 1
+                visit(callee, times * factor, branch or role.endswith("_computation"), depth + 1)
+            m = _BRANCHES.search(line)
+            for callee in re.findall(r"%?([\w.\-]+)", m.group(1)) if m else ():
+                visit(callee, times, True, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1, False)
+    return {name: (runs.get(name, 1), in_branch.get(name, False)) for name in comps}
+
+
+def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
+    """Every collective in the program text (async `-start` ops counted once, `-done` ignored), with its execution count."""
+    comps, entry = _computations(hlo_text)
+    executions = _executions(comps, entry)
+    out = []
+    for name, lines in comps.items() if comps else [(None, hlo_text.splitlines())]:
+        count, conditional = executions.get(name, (1, False))
+        for line in lines:
+            m = _OP.match(line)
+            if not m:
+                continue
+            kind, rest = m.group("kind"), m.group("rest")
+            is_start = f"{kind}-start(" in line
+            size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
+            group_size, axes = _group_and_axes(kind, rest, mesh)
+            out.append(Collective(kind, size, group_size, axes, count, conditional))
     return out
 
 
-def collective_bytes(hlo_text: str, mesh: Mesh | None = None, over: str | None = None) -> dict[str, float]:
-    """Estimated bytes sent per device per kind; with `over`, only collectives spanning that mesh axis."""
+def collective_bytes(
+    hlo_text: str, mesh: Mesh | None = None, over: str | None = None, *, conditional: bool | None = None
+) -> dict[str, float]:
+    """Estimated bytes sent per device per kind and program run; with `over`, only collectives spanning that mesh axis.
+
+    `conditional`: None counts every collective (a conditional branch as if taken), True only
+    those inside conditional branches, False only those outside.
+    """
     totals = {k: 0.0 for k in KINDS}
     for c in parse_collectives(hlo_text, mesh):
-        if over is None or over in c.axes:
-            totals[c.kind] += c.wire_bytes
+        if (over is None or over in c.axes) and (conditional is None or c.conditional == conditional):
+            totals[c.kind] += c.wire_bytes * c.count
     return totals
