@@ -84,9 +84,13 @@ def tree_shardings(logical_tree, abstract_tree, mesh: jax.sharding.Mesh, rules=R
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`."""
+    """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`.
+
+    Inside `shard_map`, the manual axes are already split by hand and are left out.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(logical, x.shape, dict(mesh.shape))
+    manual = set(mesh.manual_axes)
+    spec = logical_to_spec(logical, x.shape, {k: 1 if k in manual else v for k, v in mesh.shape.items()})
     return jax.lax.with_sharding_constraint(x, spec)
