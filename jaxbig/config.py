@@ -139,26 +139,69 @@ class DataConfig:
         _require(self.prefetch >= 0, f"data.prefetch={self.prefetch} must be >= 0")
 
 
+OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+COMPRESSIONS = ("none", "bf16", "int8", "topk", "powersgd", "sign")
+OUTER = ("none", "diloco")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (optax)."""
+    """The optimizer (optax), its schedule, and how gradients cross the data axis."""
 
+    optimizer: str = "adamw"  # adamw, sgd (with optional momentum/Nesterov), lion or adafactor
     learning_rate: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # after the warmup: constant, cosine, linear (decay) or wsd (warmup-stable-decay)
     warmup_steps: int = 20  # linear warmup from 0 to the peak
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # decoupled; applied to matrices only, not norms
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: share of train.steps spent in the final linear decay
+    b1: float = 0.9  # adamw and lion: first-moment decay
+    b2: float = 0.95  # adamw and lion: second-moment decay (lion: the momentum it keeps)
+    eps: float = 1e-8  # adamw: denominator epsilon
+    momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
+    nesterov: bool = False  # sgd: Nesterov momentum (needs momentum > 0)
+    weight_decay: float = 0.1  # decoupled; applied to matrices only, not norms or biases
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    accumulate_steps: int = 1  # microbatches per step: gradients are summed over them before one update
+    compression: str = "none"  # gradient exchange over the data axis: none, bf16, int8, topk, powersgd or sign
+    powersgd_rank: int = 4  # powersgd: rank of the low-rank gradient approximation
+    topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
+    error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
+    outer: str = "none"  # none, or diloco: local steps per data replica with an outer Nesterov step
+    sync_every: int = 8  # diloco: H, inner steps between synchronisations
+    outer_learning_rate: float = 0.7  # diloco: outer SGD learning rate on the averaged parameter delta
+    outer_momentum: float = 0.9  # diloco: outer Nesterov momentum (0 = plain outer SGD)
 
     def __post_init__(self):
+        _require(self.optimizer in OPTIMIZERS, f"optim.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         _require(self.learning_rate > 0, f"optim.learning_rate={self.learning_rate} must be positive")
+        _require(self.schedule in SCHEDULES, f"optim.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, f"optim.b1={self.b1}, optim.b2={self.b2} must be in [0, 1)")
+        _require(0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
+        _require(
+            self.momentum == 0.0 or self.optimizer == "sgd",
+            f"optim.momentum={self.momentum} applies to optim.optimizer=sgd only, got {self.optimizer!r}; "
+            "adamw and lion take optim.b1",
+        )
+        _require(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0 (e.g. 0.9), got 0")
         _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _require(self.accumulate_steps >= 1, f"optim.accumulate_steps={self.accumulate_steps} must be >= 1")
+        _require(self.compression in COMPRESSIONS, f"optim.compression={self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
+        _require(self.powersgd_rank >= 1, f"optim.powersgd_rank={self.powersgd_rank} must be >= 1")
+        _require(0.0 < self.topk_fraction <= 1.0, f"optim.topk_fraction={self.topk_fraction} must be in (0, 1]")
+        _require(self.outer in OUTER, f"optim.outer={self.outer!r}: use none or diloco")
+        _require(self.sync_every >= 1, f"optim.sync_every={self.sync_every} must be >= 1")
+        _require(self.outer_learning_rate > 0, f"optim.outer_learning_rate={self.outer_learning_rate} must be positive")
+        _require(0.0 <= self.outer_momentum < 1.0, f"optim.outer_momentum={self.outer_momentum} must be in [0, 1)")
+        _require(
+            self.outer == "none" or self.compression == "none",
+            f"optim.outer={self.outer!r} with optim.compression={self.compression!r}: DiLoCo already communicates only every "
+            f"optim.sync_every={self.sync_every} steps and sends parameter deltas, not gradients; set optim.compression=none",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,6 +244,17 @@ class Config:
             self.optim.warmup_steps <= self.train.steps,
             f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}; "
             "shorten the warmup or train longer",
+        )
+        _require(
+            self.train.batch_size % self.optim.accumulate_steps == 0,
+            f"train.batch_size={self.train.batch_size} is not divisible by optim.accumulate_steps={self.optim.accumulate_steps}; "
+            "each microbatch must hold the same number of sequences",
+        )
+        _require(
+            self.optim.outer == "none" or self.train.steps % self.optim.sync_every == 0,
+            f"train.steps={self.train.steps} is not a multiple of optim.sync_every={self.optim.sync_every}; with optim.outer=diloco "
+            f"the last {self.train.steps % self.optim.sync_every} inner steps would never reach the synchronised model; "
+            f"use train.steps={self.train.steps - self.train.steps % self.optim.sync_every or self.optim.sync_every}",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ n is the replica-group size; the group tells which mesh axes the collective runs
 
 A collective inside a loop body runs once per iteration: `Collective.count` is how many times
 it runs per call of the program (the product of the `known_trip_count`s of the while loops
-around it, e.g. the layer scan's L), and `collective_bytes` counts every run.
+around it, e.g. the layer scan's L), and `collective_bytes` counts every run. A collective inside
+a `conditional` branch is counted as if its branch ran and is flagged (`Collective.conditional`),
+so a caller can amortise it (DiLoCo synchronises every H steps).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Collective:
     count: int = 1  # runs per call of the program (loop trip counts multiplied); 1 outside loops
     count_known: bool = True  # False if an enclosing loop's trip count is not known at compile time
     promoted: bool = False  # a reduction the XLA CPU backend widened (bf16 -> f32); half the bytes elsewhere
+    conditional: bool = False  # inside a conditional branch: runs only when that branch is taken
 
     @property
     def wire_bytes(self) -> float:
@@ -163,38 +166,40 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return comps, entry
 
 
-def _run_counts(comps: dict[str, list[str]], entry: str | None) -> dict[str, tuple[int, bool]]:
-    """How many times each computation runs per program call, and whether every trip count was known."""
+def _run_counts(comps: dict[str, list[str]], entry: str | None) -> dict[str, tuple[int, bool, bool]]:
+    """Per computation: runs per program call, whether every trip count was known, and whether it
+    is reached through a conditional branch."""
     if entry is None:
-        return {name: (1, True) for name in comps}
-    edges: dict[str, list[tuple[str, int, bool]]] = {name: [] for name in comps}
+        return {name: (1, True, False) for name in comps}
+    edges: dict[str, list[tuple[str, int, bool, bool]]] = {name: [] for name in comps}
     for name, lines in comps.items():
         for line in lines:
             callees = _CALLEES.findall(line)
-            for group in _BRANCHES.findall(line):
-                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+            branches = [c.strip().lstrip("%") for group in _BRANCHES.findall(line) for c in group.split(",") if c.strip()]
+            is_cond = " conditional(" in line
             body = _WHILE_BODY.search(line) if " while(" in line else None
             trip = _TRIP.search(line) if body else None
-            for callee in callees:
+            for callee in callees + branches:
                 if callee not in comps:
                     continue
                 if body and callee == body.group(1):
-                    edges[name].append((callee, int(trip.group(1)) if trip else 1, trip is not None))
+                    edges[name].append((callee, int(trip.group(1)) if trip else 1, trip is not None, False))
                 else:  # a while condition runs trip+1 times, but holds no collectives worth counting
-                    edges[name].append((callee, 1, True))
+                    edges[name].append((callee, 1, True, is_cond))
     counts: dict[str, list] = {}
 
-    def visit(name: str, n: int, known: bool, depth: int = 0) -> None:
+    def visit(name: str, n: int, known: bool, conditional: bool, depth: int = 0) -> None:
         if depth > 64:  # pragma: no cover - HLO call graphs are acyclic and shallow
             raise ValueError(f"HLO call graph deeper than 64 at {name}")
-        c = counts.setdefault(name, [0, True])
+        c = counts.setdefault(name, [0, True, False])
         c[0] += n
         c[1] = c[1] and known
-        for callee, trip, trip_known in edges[name]:
-            visit(callee, n * trip, known and trip_known, depth + 1)
+        c[2] = c[2] or conditional
+        for callee, trip, trip_known, branch in edges[name]:
+            visit(callee, n * trip, known and trip_known, conditional or branch, depth + 1)
 
-    visit(entry, 1, True)
-    return {name: (c[0], c[1]) for name, c in counts.items()}
+    visit(entry, 1, True, False)
+    return {name: (c[0], c[1], c[2]) for name, c in counts.items()}
 
 
 def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collective]:
@@ -203,7 +208,7 @@ def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collectiv
     runs = _run_counts(comps, entry)
     out = []
     for name, lines in comps.items():
-        count, known = runs.get(name, (1, True))
+        count, known, conditional = runs.get(name, (1, True, False))
         for line in lines:
             m = _OP.match(line)
             if not m:
@@ -213,15 +218,21 @@ def parse_collectives(hlo_text: str, mesh: Mesh | None = None) -> list[Collectiv
             size = _shape_bytes(_result_text(m.group("result").strip(), is_start))
             group_size, axes = _group_and_axes(kind, rest, mesh)
             promoted = re.search(r"to_apply=%?[\w.\-]*_promoted\b", rest) is not None
-            out.append(Collective(kind, size, group_size, axes, count, known, promoted))
+            out.append(Collective(kind, size, group_size, axes, count, known, promoted, conditional))
     return out
 
 
-def collective_bytes(hlo_text: str, mesh: Mesh | None = None, over: str | None = None) -> dict[str, float]:
+def collective_bytes(
+    hlo_text: str, mesh: Mesh | None = None, over: str | None = None, *, conditional: bool | None = None
+) -> dict[str, float]:
     """Estimated bytes sent per device per kind and program call (loop iterations included); with
-    `over`, only collectives spanning that mesh axis."""
+    `over`, only collectives spanning that mesh axis.
+
+    `conditional`: None counts every collective (a conditional branch as if taken), True only
+    those inside conditional branches, False only those outside.
+    """
     totals = {k: 0.0 for k in KINDS}
     for c in parse_collectives(hlo_text, mesh):
-        if over is None or over in c.axes:
+        if (over is None or over in c.axes) and (conditional is None or c.conditional == conditional):
             totals[c.kind] += c.wire_bytes * c.count
     return totals

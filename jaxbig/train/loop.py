@@ -18,11 +18,12 @@ from jaxbig import checkpoint
 from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
-from jaxbig.optim import build_optimizer
+from jaxbig.optim import optimizer_for, uses_data_parallel_step
 from jaxbig.parallel.guards import check_layout
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
 from jaxbig.train import metrics as metrics_lib
+from jaxbig.train.dp_step import make_dp_train_step
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
 
@@ -84,14 +85,18 @@ def train(
     run_layers = layer_runner(mesh, cfg.parallel)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = optimizer_for(cfg, dict(mesh.shape))
     B, T = cfg.train.batch_size, cfg.data.seq_len
     bsharding = batch_sharding(mesh, B, T)
     peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
 
     with jax.set_mesh(mesh):
         graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        train_step = jit_train_step(make_train_step(graphdef, tx, schedule, run_layers), shardings, bsharding)
+        if uses_data_parallel_step(cfg.optim):  # compression or DiLoCo: local gradients under shard_map
+            step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
+        else:
+            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps)
+        train_step = jit_train_step(step_fn, shardings, bsharding)
         eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding)
 
         manager = checkpoint.checkpoint_manager(run_dir, cfg.train.keep_checkpoints)
@@ -224,7 +229,7 @@ class _Throughput:
 
 def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, manager) -> dict[str, float]:
     step, device_metrics, extras = pending
-    record = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    record = {k: float(np.mean(v)) for k, v in jax.device_get(device_metrics).items()}  # per-replica metrics: their mean
     if not np.isfinite(record["loss"]):
         raise FloatingPointError(
             f"loss is {record['loss']} at step {step}; stopping. The last checkpoint is at step {manager.latest_step()}; "

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import optax
+import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxbig import checkpoint
 from jaxbig.config import Config, ConfigError, MeshConfig, config_from_dict
-from jaxbig.optim import build_optimizer
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train.loop import CONFIG_FILE
 from jaxbig.models import abstract_model
@@ -37,9 +38,13 @@ def load_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None 
     elif step not in steps:
         raise ConfigError(f"run_dir {str(run_dir)!r} has no checkpoint at step {step}; it has steps {sorted(steps)}")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    tx, _ = build_optimizer(cfg.optim, cfg.train.steps)
-    _, _, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
-    state = checkpoint.restore(manager, step, abstract)
+    # The optimizer state is read as the checkpoint stores it (replicated on `mesh`): its layout
+    # depends on the run's optimizer and data-axis size (per-replica state), not on this mesh.
+    _, _, abstract = abstract_train_state(cfg.model, optax.identity(), mesh, cfg.train.seed)
+    stored = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / "default").tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), stored["opt_state"])
+    state = checkpoint.restore(manager, step, {"step": abstract.step, "params": abstract.params, "opt_state": opt_state})
     manager.close()
     graphdef, _ = abstract_model(cfg.model)
-    return cfg, graphdef, state.params, step
+    return cfg, graphdef, state["params"], step

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxbig.config import ModelConfig
 from jaxbig.models import abstract_model, create_model
+from jaxbig.optim.per_replica import opt_state_shardings
 from jaxbig.parallel.rules import tree_shardings
 
 Params = dict[str, Any]  # nested dict of arrays, as `nnx.to_pure_dict` gives it
@@ -46,16 +47,11 @@ def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState) -> TrainState:
-    """Params by the logical rules; optimizer moments like their params; everything else replicated."""
+    """Params by the logical rules; optimizer moments like their params; per-replica state split over data; the rest replicated."""
+    del tx  # the state's leaves are matched to params by key path and shape (see opt_state_shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
     params = param_shardings(cfg, mesh)
-    opt_state = optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        abstract_state.opt_state,
-        params,
-        transform_non_params=lambda _: replicated,
-    )
+    opt_state = opt_state_shardings(abstract_state.opt_state, abstract_state.params, params, mesh)
     return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 

@@ -18,11 +18,36 @@ def loss_fn(params: Params, graphdef: nnx.GraphDef, batch: Batch, run_layers: La
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
 
 
+def microbatches(batch: Batch, k: int) -> Batch:
+    """[B, T] -> [k, B/k, T]; microbatch j is rows j, j+k, ..., so each device's rows stay on it."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulated_value_and_grad(loss_of, params: Params, batch: Batch, k: int):
+    """Mean of `value_and_grad(loss_of)(params, microbatch)` over k microbatches, one at a time (`lax.scan`)."""
+    micro = microbatches(batch, k)
+    first = jax.value_and_grad(loss_of)(params, jax.tree.map(lambda x: x[0], micro))
+
+    def body(carry, mb):
+        return jax.tree.map(jnp.add, carry, jax.value_and_grad(loss_of)(params, mb)), None
+
+    (loss, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+    return loss / k, jax.tree.map(lambda g: g / k, grads)
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, run_layers: LayerRunner = scan_layers
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    run_layers: LayerRunner = scan_layers,
+    *,
+    accumulate_steps: int = 1,
 ):
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, run_layers)
+        if accumulate_steps == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, run_layers)
+        else:
+            loss, grads = accumulated_value_and_grad(lambda p, b: loss_fn(p, graphdef, b, run_layers), state.params, batch, accumulate_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}

@@ -1,0 +1,418 @@
+"""Gradient compression over the data axis, as optax transformations that do the communication.
+
+Under `jit`, the gradient all-reduce of data parallelism is inserted by autodiff, inside
+`grad`, so an optax transform applied afterwards compresses nothing. These transforms are
+meant for a step that takes *local* gradients under `shard_map` over the data axis (params
+cast to varying, see `jaxbig.train.dp_step`): `update(local_grads, state)` must run inside
+that `shard_map`. It compresses, runs its own collectives, decompresses, and returns the
+aggregated gradient, the same on every replica. Put it first in an `optax.chain`; any
+optimizer can follow.
+
+Convention: each replica's gradient is its *share* of the global gradient (its loss is
+normalised by the global batch), so the exact aggregate is the sum over replicas, a `psum`.
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what compression dropped on a
+replica is kept in a residual and added to that replica's next gradient. Residuals differ per
+replica, so they are `PerReplica` state `[N, ...]` split over the data axis, and are
+checkpointed with the rest of the optimizer state.
+
+| method   | collectives (payload per replica)                        | bytes vs f32 all-reduce |
+|----------|----------------------------------------------------------|-------------------------|
+| none     | all-reduce f32                                           | 1                       |
+| bf16     | all-to-all + all-gather of 16-bit words                  | ~1/2                    |
+| int8     | all-to-all + all-gather of int8, one f32 scale per block | ~1/4                    |
+| topk     | all-gather of k values (f32) and indices (int32)         | ~N·fraction             |
+| powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
+| sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
+
+The 16-bit words are bf16 values bit-cast to uint16: XLA's CPU backend computes bf16
+collectives in f32 (4 bytes on the wire), while all-to-all and all-gather only move bits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbig.config import ConfigError
+from jaxbig.optim.per_replica import DATA_AXIS, PerReplica, local, replicate, stacked
+
+INT8_BLOCK = 256  # entries sharing one int8 scale: 4 bytes of scale per 256 bytes of payload
+
+
+class CompressionError(ConfigError):
+    """A compression setting does not fit the params or the mesh; the message names the fix."""
+
+
+class ErrorFeedbackState(NamedTuple):
+    residual: Any  # PerReplica([N, *param.shape] per param), or optax.EmptyState() without error feedback
+
+
+class PowerSGDState(NamedTuple):
+    residual: Any  # as ErrorFeedbackState.residual
+    q: dict[str, jax.Array]  # per matrix group: the shared right factor [m, rank], warm-starting the next step
+
+
+class MatrixView(NamedTuple):
+    """How PowerSGD sees a param as a matrix: which axes form the rows and which the columns.
+
+    Params with the same `group` and the same number of rows are concatenated along the
+    columns into one matrix (one P, one Q). None as a view sends the param uncompressed.
+    """
+
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    group: str | None = None
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _check_axis(axis_name: str, method: str) -> int:
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"compression {method!r} communicates over mesh axis {axis_name!r}, which is not bound here; call its update "
+            f"inside jax.shard_map over {axis_name!r} on local gradients (jaxbig.train.dp_step does this)"
+        ) from None
+
+
+def _init_residual(params, num_replicas: int, error_feedback: bool):
+    if not error_feedback:
+        return optax.EmptyState()
+    return replicate(jax.tree.map(jnp.zeros_like, params), num_replicas)
+
+
+def _add_residual(grads, residual):
+    if isinstance(residual, PerReplica):
+        return jax.tree.map(jnp.add, grads, local(residual))
+    return grads
+
+
+def _new_residual(residual, errors):
+    return stacked(errors) if isinstance(residual, PerReplica) else residual
+
+
+def _flatten(tree) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+    """All leaves as one float32 vector, and the function that cuts such a vector back into the tree."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shapes = [x.shape for x in leaves]
+    sizes = [math.prod(s) for s in shapes]
+    flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
+
+    def unflatten(v: jax.Array):
+        parts, start = [], 0
+        for shape, size, x in zip(shapes, sizes, leaves):
+            parts.append(v[start : start + size].reshape(shape).astype(x.dtype))
+            start += size
+        return jax.tree.unflatten(treedef, parts)
+
+    return flat, unflatten
+
+
+def _leaf_sizes(tree) -> list[int]:
+    return [math.prod(x.shape) for x in jax.tree.leaves(tree)]
+
+
+def exact(axis_name: str = DATA_AXIS) -> optax.GradientTransformation:
+    """No compression: a float32 psum, the same all-reduce plain data parallelism does."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        _check_axis(axis_name, "none")
+        return jax.lax.psum(updates, axis_name), state
+
+    return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- bf16 and int8: two-phase sum
+
+
+def _bf16_encode(x):
+    return (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16),)
+
+
+def _bf16_decode(payload):
+    return jax.lax.bitcast_convert_type(payload[0], jnp.bfloat16).astype(jnp.float32)
+
+
+def _int8_encode(x):
+    """[..., C] -> (int8 [..., C], float32 scales [..., C / INT8_BLOCK]): absmax per block of INT8_BLOCK."""
+    blocks = x.reshape(*x.shape[:-1], -1, INT8_BLOCK)
+    scale = jnp.max(jnp.abs(blocks), axis=-1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(blocks / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q.reshape(x.shape), scale
+
+
+def _int8_decode(payload):
+    q, scale = payload
+    blocks = q.reshape(*q.shape[:-1], -1, INT8_BLOCK).astype(jnp.float32) * scale[..., None]
+    return blocks.reshape(q.shape)
+
+
+def _two_phase(method: str, encode, decode, block: int, axis_name: str, num_replicas: int, error_feedback: bool):
+    """Reduce-scatter then all-gather, each moving encoded chunks (ZeRO++ qgZ style).
+
+    Phase 1: each replica encodes its gradient in N chunks and all-to-alls them, so replica d
+    receives everyone's chunk d, decodes and sums it in float32. Phase 2: replica d encodes its
+    summed chunk and all-gathers it. With error feedback, a replica keeps its phase-1 encoding
+    error, and the owner of chunk d also keeps that chunk's phase-2 error (the sum is exact
+    over time: every dropped bit re-enters the next step's sum once).
+    """
+
+    def init(params):
+        return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
+
+    def update(updates, state, params=None):
+        del params
+        n = _check_axis(axis_name, method)
+        x, unflatten = _flatten(_add_residual(updates, state.residual))
+        size = x.shape[0]
+        chunk = -(-size // (n * block)) * block
+        x_NC = jnp.pad(x, (0, n * chunk - size)).reshape(n, chunk)
+        sent = encode(x_NC)
+        received = jax.tree.map(lambda a: jax.lax.all_to_all(a, axis_name, 0, 0), sent)
+        mine_C = decode(received).sum(axis=0)  # chunk d summed over replicas, on replica d
+        mine_enc = encode(mine_C[None])
+        gathered = jax.tree.map(lambda a: jax.lax.all_gather(a[0], axis_name, to="invarying"), mine_enc)
+        total = decode(gathered).reshape(-1)[:size]
+        if not isinstance(state.residual, PerReplica):
+            return unflatten(total), state
+        err1 = x_NC - decode(sent)
+        err2_C = mine_C - decode(mine_enc)[0]
+        d = jax.lax.axis_index(axis_name)
+        err = jax.lax.dynamic_update_index_in_dim(err1, err1[d] + err2_C, d, axis=0)
+        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err.reshape(-1)[:size])))
+
+    return optax.GradientTransformation(init, update)
+
+
+def bf16(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+    """The gradient sum in bfloat16 on the wire (two phases), float32 arithmetic."""
+    return _two_phase("bf16", _bf16_encode, _bf16_decode, 1, axis_name, num_replicas, error_feedback)
+
+
+def int8(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+    """The gradient sum in int8 on the wire (two phases), absmax scales per block of 256."""
+    return _two_phase("int8", _int8_encode, _int8_decode, INT8_BLOCK, axis_name, num_replicas, error_feedback)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def topk(fraction: float, num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+    """Each replica sends the largest-magnitude `fraction` of every tensor's entries (values and indices)."""
+    if not 0 < fraction <= 1:
+        raise CompressionError(f"top-k fraction {fraction} must be in (0, 1] (optim.topk_fraction)")
+
+    def init(params):
+        return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
+
+    def update(updates, state, params=None):
+        del params
+        _check_axis(axis_name, "topk")
+        x = _add_residual(updates, state.residual)
+        flat, unflatten = _flatten(x)
+        values, indices, start = [], [], 0
+        for size in _leaf_sizes(x):
+            leaf = flat[start : start + size]
+            _, idx = jax.lax.top_k(jnp.abs(leaf), max(1, math.ceil(fraction * size)))
+            values.append(leaf[idx])
+            indices.append(idx.astype(jnp.int32) + start)
+            start += size
+        values_K, indices_K = jnp.concatenate(values), jnp.concatenate(indices)
+        all_values = jax.lax.all_gather(values_K, axis_name, to="invarying")
+        all_indices = jax.lax.all_gather(indices_K, axis_name, to="invarying")
+        total = jnp.zeros(flat.shape, flat.dtype).at[all_indices.reshape(-1)].add(all_values.reshape(-1))
+        if not isinstance(state.residual, PerReplica):
+            return unflatten(total), state
+        err = flat.at[indices_K].set(0.0)
+        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err)))
+
+    return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- sign (1 bit)
+
+
+def sign(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+    """EF-signSGD: each replica sends sign bits (8 per byte) and one scale per tensor, mean(|x|)."""
+
+    def init(params):
+        return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
+
+    def update(updates, state, params=None):
+        del params
+        _check_axis(axis_name, "sign")
+        x = _add_residual(updates, state.residual)
+        flat, unflatten = _flatten(x)
+        sizes = _leaf_sizes(x)
+        size = flat.shape[0]
+        bounds = [0, *itertools.accumulate(sizes)]
+        scales = jnp.stack([jnp.mean(jnp.abs(flat[a:b])) for a, b in zip(bounds[:-1], bounds[1:])])
+        positive = flat >= 0
+        bits = jnp.pad(positive, (0, -size % 8)).reshape(-1, 8).astype(jnp.uint8)
+        packed = jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8)[None, :], axis=-1, dtype=jnp.uint8)
+        all_packed = jax.lax.all_gather(packed, axis_name, to="invarying")  # [N, S/8]
+        all_scales = jax.lax.all_gather(scales, axis_name, to="invarying")  # [N, tensors]
+        all_bits = (all_packed[:, :, None] >> jnp.arange(8, dtype=jnp.uint8)[None, None, :]) & 1
+        signs_NS = all_bits.reshape(all_bits.shape[0], -1)[:, :size].astype(jnp.float32) * 2.0 - 1.0
+        all_scale_NS = jnp.concatenate([jnp.broadcast_to(all_scales[:, t, None], (all_scales.shape[0], n)) for t, n in enumerate(sizes)], axis=1)
+        total = jnp.sum(signs_NS * all_scale_NS, axis=0)
+        if not isinstance(state.residual, PerReplica):
+            return unflatten(total), state
+        scale_S = jnp.concatenate([jnp.broadcast_to(scales[t], (n,)) for t, n in enumerate(sizes)])
+        err = flat - jnp.where(positive, scale_S, -scale_S)
+        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err)))
+
+    return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- PowerSGD
+
+
+def default_view(x) -> MatrixView | None:
+    """A param as [first axis, the rest]; vectors and scalars uncompressed."""
+    return MatrixView(rows=(0,), cols=tuple(range(1, x.ndim))) if x.ndim >= 2 else None
+
+
+def _to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
+    n = math.prod(x.shape[a] for a in view.rows)
+    return jnp.transpose(x, view.rows + view.cols).reshape(n, -1)
+
+
+def _from_matrix(m: jax.Array, view: MatrixView, shape: tuple[int, ...]) -> jax.Array:
+    order = view.rows + view.cols
+    x = m.reshape([shape[a] for a in order])
+    return jnp.transpose(x, [order.index(a) for a in range(len(shape))])
+
+
+def _groups(params, views) -> dict[str, list[int]]:
+    """Group name -> indices of the leaves (in tree order) concatenated into that group's matrix."""
+    leaves = jax.tree.leaves(params)
+    view_leaves = jax.tree.leaves(views, is_leaf=lambda v: v is None or isinstance(v, MatrixView))
+    if len(view_leaves) != len(leaves):
+        raise CompressionError(f"PowerSGD views cover {len(view_leaves)} tensors but the params have {len(leaves)}")
+    groups: dict[str, list[int]] = {}
+    for i, (x, view) in enumerate(zip(leaves, view_leaves)):
+        if view is None:
+            continue
+        rows = math.prod(x.shape[a] for a in view.rows)
+        name = f"{view.group}:{rows}" if view.group is not None else f"tensor{i}"
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
+def powersgd(
+    rank: int,
+    num_replicas: int,
+    *,
+    views: Any = None,
+    axis_name: str = DATA_AXIS,
+    error_feedback: bool = True,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """PowerSGD (Vogels et al. 2019): one power-iteration step per matrix, warm-started, both factors all-reduced.
+
+    For a matrix M_i [n, m] on replica i and the shared Q [m, r]: P = psum(M_i Q), P^ =
+    orthonormal(P), Q_i = M_i^T P^, Q = psum(Q_i); the aggregate is P^ Q^T, and replica i's
+    error is M_i - P^ Q_i^T. Q warm-starts the next step. `views` is a tree like the params of
+    `MatrixView`s or None (None everywhere: `default_view`); uncompressed tensors are psummed.
+    """
+    if rank < 1:
+        raise CompressionError(f"PowerSGD rank {rank} must be >= 1 (optim.powersgd_rank)")
+
+    def resolve_views(params):
+        return jax.tree.map(default_view, params) if views is None else views
+
+    def init(params):
+        view_tree = resolve_views(params)
+        leaves = jax.tree.leaves(params)
+        view_leaves = jax.tree.leaves(view_tree, is_leaf=lambda v: v is None or isinstance(v, MatrixView))
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        q = {}
+        for g, (name, idx) in enumerate(sorted(_groups(params, view_tree).items())):
+            mats = [(paths[i], math.prod(leaves[i].shape[a] for a in view_leaves[i].rows), math.prod(leaves[i].shape[a] for a in view_leaves[i].cols)) for i in idx]
+            n, m = mats[0][1], sum(c for _, _, c in mats)
+            if rank > min(n, m):
+                shown = ", ".join(f"{p} as {r}x{c}" for p, r, c in mats)
+                raise CompressionError(
+                    f"PowerSGD rank {rank} exceeds the smaller side of the {n}x{m} gradient matrix ({shown}); "
+                    f"a rank-{rank} approximation of it is not a compression. Use optim.powersgd_rank <= {min(n, m)}"
+                )
+            q[name] = jax.random.normal(jax.random.fold_in(jax.random.key(seed), g), (m, rank), jnp.float32)
+        return PowerSGDState(_init_residual(params, num_replicas, error_feedback), q)
+
+    def update(updates, state, params=None):
+        del params
+        _check_axis(axis_name, "powersgd")
+        x = _add_residual(updates, state.residual)
+        leaves, treedef = jax.tree.flatten(x)
+        view_leaves = jax.tree.leaves(resolve_views(x), is_leaf=lambda v: v is None or isinstance(v, MatrixView))
+        groups = _groups(x, resolve_views(x))
+        grouped = {i for idx in groups.values() for i in idx}
+        total = [None] * len(leaves)
+        err = [jnp.zeros_like(v) for v in leaves]
+        # Uncompressed tensors (vectors, or views of None) go in one exact all-reduce.
+        plain = [i for i in range(len(leaves)) if i not in grouped]
+        for i, s in zip(plain, jax.lax.psum([leaves[i] for i in plain], axis_name)):
+            total[i] = s
+        new_q = {}
+        for name, idx in sorted(groups.items()):
+            mats = [_to_matrix(leaves[i].astype(jnp.float32), view_leaves[i]) for i in idx]
+            M_nm = jnp.concatenate(mats, axis=1)
+            P_nr = jax.lax.psum(M_nm @ state.q[name], axis_name)
+            P_nr, _ = jnp.linalg.qr(P_nr)
+            Q_mr = M_nm.T @ P_nr
+            Q_sum = jax.lax.psum(Q_mr, axis_name)
+            approx_nm, local_nm = P_nr @ Q_sum.T, P_nr @ Q_mr.T
+            new_q[name] = Q_sum
+            start = 0
+            for i, mat in zip(idx, mats):
+                cols = mat.shape[1]
+                shape = leaves[i].shape
+                total[i] = _from_matrix(approx_nm[:, start : start + cols], view_leaves[i], shape).astype(leaves[i].dtype)
+                err[i] = _from_matrix((mat - local_nm[:, start : start + cols]), view_leaves[i], shape).astype(leaves[i].dtype)
+                start += cols
+        out = jax.tree.unflatten(treedef, total)
+        return out, PowerSGDState(_new_residual(state.residual, jax.tree.unflatten(treedef, err)), new_q)
+
+    return optax.GradientTransformation(init, update)
+
+
+def from_name(
+    method: str,
+    num_replicas: int,
+    *,
+    rank: int = 4,
+    fraction: float = 0.01,
+    error_feedback: bool = True,
+    views: Any = None,
+    axis_name: str = DATA_AXIS,
+) -> optax.GradientTransformation:
+    """The transform for a method name: none, bf16, int8, topk, powersgd or sign."""
+    if method == "none":
+        return exact(axis_name)
+    if method == "bf16":
+        return bf16(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+    if method == "int8":
+        return int8(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+    if method == "topk":
+        return topk(fraction, num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+    if method == "powersgd":
+        return powersgd(rank, num_replicas, views=views, axis_name=axis_name, error_feedback=error_feedback)
+    if method == "sign":
+        return sign(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+    raise CompressionError(f"unknown compression {method!r}: use none, bf16, int8, topk, powersgd or sign")

@@ -1,0 +1,103 @@
+"""Local SGD / DiLoCo (Douillard et al. 2023, arXiv 2311.08105) over the data axis.
+
+Each data replica keeps its own copy of the params and its own inner optimizer state and takes
+`sync_every` (H) inner steps on its own batches with no communication. Then the replicas
+average their parameter deltas (the pseudo-gradient Δ = θ_outer − θ_replica, one all-reduce)
+and an outer optimizer (Nesterov SGD) steps θ_outer with it; every replica restarts from the
+new θ_outer. Communication happens every H steps only.
+
+`diloco(inner, outer, ...)` is an optax-style transformation whose state holds the
+per-replica params and inner state (`PerReplica`, split over data, checkpointed) and the
+outer state. The train state's `params` are θ_outer, the model that is evaluated and saved.
+Its `update(local_grads, state, params=θ_outer)` must run inside `shard_map` over the data
+axis, on gradients taken at `replica_params(state)`; it returns the outer update (zero
+between synchronisations).
+
+With H=1, an inner optimizer that is linear in the gradient (SGD) and an outer SGD of
+learning rate 1 without momentum, this is synchronous data-parallel SGD: θ_outer moves by
+the mean of the replicas' updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbig.optim.per_replica import DATA_AXIS, PerReplica, local, replicate, stacked
+
+
+class DiLoCoState(NamedTuple):
+    count: jax.Array  # int32: inner steps taken (the same on every replica)
+    replica: PerReplica  # (params, inner optimizer state), each leaf [N, ...]
+    outer: optax.OptState  # the outer optimizer's state (Nesterov momentum), like the params
+
+
+class LocalSGD(NamedTuple):
+    """An optax GradientTransformation, plus where the step must take its gradients."""
+
+    init: Any
+    update: Any
+    replica_params: Any  # state -> this replica's params, inside shard_map
+
+
+def diloco(
+    inner: optax.GradientTransformation,
+    outer: optax.GradientTransformation,
+    *,
+    sync_every: int,
+    num_replicas: int,
+    axis_name: str = DATA_AXIS,
+) -> LocalSGD:
+    if sync_every < 1:
+        raise ValueError(f"DiLoCo sync_every={sync_every} must be >= 1")
+
+    def init(params) -> DiLoCoState:
+        return DiLoCoState(
+            count=jnp.zeros((), jnp.int32),
+            replica=replicate((params, inner.init(params)), num_replicas),
+            outer=outer.init(params),
+        )
+
+    def replica_params(state: DiLoCoState):
+        return local(state.replica)[0]
+
+    def update(local_grads, state: DiLoCoState, params):
+        try:
+            jax.lax.axis_size(axis_name)
+        except NameError:
+            raise ValueError(
+                f"DiLoCo averages over mesh axis {axis_name!r}, which is not bound here; call its update inside "
+                f"jax.shard_map over {axis_name!r} (jaxbig.train.dp_step does this)"
+            ) from None
+        replica, inner_state = local(state.replica)
+        inner_updates, inner_state = inner.update(local_grads, inner_state, replica)
+        replica = optax.apply_updates(replica, inner_updates)
+        count = state.count + 1
+
+        def sync(replica):
+            delta = jax.tree.map(lambda o, r: o - r, params, replica)
+            delta = jax.tree.map(lambda d: jax.lax.psum(d, axis_name) / num_replicas, delta)
+            outer_updates, outer_state = outer.update(delta, state.outer, params)
+            # The barrier keeps this add unfused, so it rounds exactly as the step's own apply_updates:
+            # every replica restarts from bit-for-bit the new outer params.
+            fresh = optax.apply_updates(params, jax.lax.optimization_barrier(outer_updates))
+            fresh = jax.lax.pcast(fresh, (axis_name,), to="varying")
+            return outer_updates, fresh, outer_state
+
+        def carry_on(replica):
+            return jax.tree.map(jnp.zeros_like, params), replica, state.outer
+
+        outer_updates, replica, outer_state = jax.lax.cond(count % sync_every == 0, sync, carry_on, replica)
+        return outer_updates, DiLoCoState(count, stacked((replica, inner_state)), outer_state)
+
+    return LocalSGD(init, update, replica_params)
+
+
+def outer_nesterov(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+    """The DiLoCo outer optimizer: SGD with Nesterov momentum (plain SGD when momentum is 0)."""
+    if momentum == 0:
+        return optax.sgd(learning_rate)
+    return optax.sgd(learning_rate, momentum=momentum, nesterov=True)

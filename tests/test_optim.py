@@ -1,0 +1,314 @@
+"""Optimizers, schedules, gradient compression over the data axis, and DiLoCo.
+
+Compiled steps are shared through module fixtures: each method is compiled once.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxbig import checkpoint
+from jaxbig.config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from jaxbig.data.pipeline import batch_sharding
+from jaxbig.optim import build_optimizer, decay_mask, learning_rate_schedule, matrix_views, optimizer_for
+from jaxbig.optim import compression
+from jaxbig.optim.compression import CompressionError
+from jaxbig.parallel.hlo import collective_bytes
+from jaxbig.parallel.mesh import make_mesh, parse_mesh_spec
+from jaxbig.train.dp_step import make_dp_train_step
+from jaxbig.train.state import init_train_state, logical_axes
+from jaxbig.train.step import jit_train_step, make_train_step
+
+TINY = ModelConfig()  # the tiny preset
+SMALL = ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
+
+
+@dataclasses.dataclass
+class Compiled:
+    mesh: jax.sharding.Mesh
+    state: object  # the initial state (copied before each use: the step donates it)
+    abstract: object
+    batches: list
+    step: object  # the compiled step
+    hlo: str
+
+    def fresh(self):
+        return jax.tree.map(lambda x: x.copy(), self.state)
+
+    def run(self, n: int):
+        state, losses = self.fresh(), []
+        for i in range(n):
+            state, metrics = self.step(state, self.batches[i % len(self.batches)])
+            losses.append(float(np.mean(metrics["loss"])))
+        return state, losses
+
+    def data_bytes(self, **kw) -> float:
+        return sum(collective_bytes(self.hlo, self.mesh, over="data", **kw).values())
+
+
+def _compile(model: ModelConfig, spec: str, optim: OptimConfig, *, exact: bool = False, B: int = 16, T: int = 64) -> Compiled:
+    """One train step compiled on the mesh `spec`: plain when `optim` needs no shard_map, unless `exact` (the none compressor)."""
+    mesh = make_mesh(MeshConfig(**parse_mesh_spec(spec)), spec=spec)
+    views = matrix_views(logical_axes(model)[2])
+    tx, schedule = build_optimizer(optim, 10, num_replicas=mesh.shape["data"], views=views)
+    if exact:
+        tx = optax.chain(compression.exact(), tx)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, size=(3, B, T + 1), dtype=np.int32)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings, abstract = init_train_state(model, tx, mesh, seed=0)
+        bs = batch_sharding(mesh, B, T)
+        batches = [{"inputs": jax.device_put(t[:, :-1], bs), "targets": jax.device_put(t[:, 1:], bs)} for t in tokens]
+        dp = exact or optim.compression != "none" or optim.outer != "none"
+        if dp:
+            fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, optim.accumulate_steps)
+        else:
+            fn = make_train_step(graphdef, tx, schedule, accumulate_steps=optim.accumulate_steps)
+        compiled = jit_train_step(fn, shardings, bs).lower(state, batches[0]).compile()
+    return Compiled(mesh, state, abstract, batches, compiled, compiled.as_text())
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --------------------------------------------------------------------------- optimizers and schedules
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optimizer": "sgd", "learning_rate": 0.1},
+        {"optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        {"optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+        {"optimizer": "adamw", "learning_rate": 0.05},
+        {"optimizer": "lion", "learning_rate": 0.01, "b2": 0.99},
+        {"optimizer": "adafactor", "learning_rate": 0.05},
+    ],
+    ids=lambda o: "-".join(f"{v}" for k, v in o.items() if k in ("optimizer", "momentum", "nesterov")),
+)
+def test_each_optimizer_minimises_a_quadratic(overrides):
+    cfg = OptimConfig(warmup_steps=0, schedule="constant", weight_decay=0.0, **overrides)
+    tx, _ = build_optimizer(cfg, 100)
+    target = {"w": jnp.linspace(-1.0, 1.0, 256).reshape(16, 16), "norm": {"scale": jnp.ones((16,))}}
+    params = jax.tree.map(jnp.zeros_like, target)
+    loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))  # noqa: E731
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    first = float(loss(params))
+    for _ in range(60):
+        params, state = step(params, state)
+    assert float(loss(params)) < 0.2 * first
+
+
+def test_schedules():
+    base = dict(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    constant = learning_rate_schedule(OptimConfig(schedule="constant", **base), 100)
+    cosine = learning_rate_schedule(OptimConfig(schedule="cosine", **base), 100)
+    linear = learning_rate_schedule(OptimConfig(schedule="linear", **base), 100)
+    wsd = learning_rate_schedule(OptimConfig(schedule="wsd", decay_fraction=0.2, **base), 100)
+    for s in (constant, cosine, linear, wsd):
+        assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(1.0)
+    assert float(constant(100)) == pytest.approx(1.0)
+    assert float(cosine(100)) == pytest.approx(0.1) and float(cosine(55)) == pytest.approx(0.55, abs=1e-6)
+    assert float(linear(100)) == pytest.approx(0.1) and float(linear(55)) == pytest.approx(0.55)
+    assert float(wsd(80)) == pytest.approx(1.0) and float(wsd(90)) == pytest.approx(0.55) and float(wsd(100)) == pytest.approx(0.1)
+
+
+def test_weight_decay_mask_spares_norms_and_vectors():
+    params = {"w_DF": jnp.ones((4, 8)), "bias": jnp.ones((8,)), "attn_norm": {"scale": jnp.ones((2, 4))}}
+    assert decay_mask(params) == {"w_DF": True, "bias": False, "attn_norm": {"scale": False}}
+
+
+def test_bad_optimizer_settings_fail_with_the_fix():
+    with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
+        OptimConfig(optimizer="sgd", nesterov=True)
+    with pytest.raises(ConfigError, match="optim.momentum=0.9 applies to optim.optimizer=sgd only"):
+        OptimConfig(momentum=0.9)
+    with pytest.raises(ConfigError, match="optim.compression='zip'"):
+        OptimConfig(compression="zip")
+    with pytest.raises(ConfigError, match="set optim.compression=none"):
+        OptimConfig(outer="diloco", compression="int8")
+    with pytest.raises(ConfigError, match=r"train.steps=30 is not a multiple of optim.sync_every=8.*use train.steps=24"):
+        Config(optim=OptimConfig(outer="diloco"), train=TrainConfig(steps=30))
+    with pytest.raises(ConfigError, match="not divisible by optim.accumulate_steps=3"):
+        Config(optim=OptimConfig(accumulate_steps=3), train=TrainConfig(batch_size=16))
+
+
+# --------------------------------------------------------------------------- compression: bytes and exactness
+
+
+@pytest.fixture(scope="module")
+def tiny_steps():
+    """The tiny model's step on 8 data replicas, compiled once per method."""
+    out = {"plain": _compile(TINY, "8", OptimConfig(warmup_steps=0))}
+    out["none"] = _compile(TINY, "8", OptimConfig(warmup_steps=0), exact=True)
+    for method in ("int8", "powersgd", "topk"):
+        out[method] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression=method, powersgd_rank=4, topk_fraction=0.01))
+    return out
+
+
+def test_compressed_bytes_over_data_per_step(tiny_steps):
+    """Compiled HLO, 8 replicas: int8 >= 3.9x, PowerSGD rank 4 >= 50x, top-1% >= 10x fewer bytes than f32."""
+    b = {m: c.data_bytes() for m, c in tiny_steps.items()}
+    # The plain step all-reduces each layer's gradient inside the backward loop; counted per trip, it equals one psum.
+    assert b["none"] == pytest.approx(b["plain"], rel=1e-4)
+    assert b["plain"] == pytest.approx(TINY.num_params() * 4 * 2 * 7 / 8, rel=1e-3)
+    assert b["plain"] / b["int8"] >= 3.9
+    assert b["plain"] / b["powersgd"] >= 50
+    assert b["plain"] / b["topk"] >= 10
+    kinds = {m: {k for k, v in collective_bytes(c.hlo, c.mesh, over="data").items() if v} for m, c in tiny_steps.items()}
+    assert kinds["int8"] == {"all-to-all", "all-gather"}
+    assert kinds["powersgd"] == {"all-reduce"}
+    assert kinds["topk"] == {"all-gather"}
+
+
+def test_none_is_bit_identical_to_the_plain_data_parallel_step(tiny_steps):
+    plain, plain_losses = tiny_steps["plain"].run(3)
+    none, none_losses = tiny_steps["none"].run(3)
+    assert plain_losses == none_losses
+    for a, b in zip(jax.tree.leaves((plain.params, plain.opt_state)), jax.tree.leaves((none.params, none.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compressed_steps_train_and_keep_residuals_per_replica(tiny_steps):
+    _, plain_losses = tiny_steps["plain"].run(3)
+    for method in ("int8", "powersgd", "topk"):
+        state, losses = tiny_steps[method].run(3)
+        assert losses[0] == pytest.approx(plain_losses[0], abs=1e-5), method  # same params, same batch
+        assert losses[2] < losses[0] and abs(losses[2] - plain_losses[2]) < 0.15, (method, losses, plain_losses)
+        residual = state.opt_state[0].residual.value  # chain(compress, clip, adamw): compress's residuals
+        w = residual["blocks"]["mlp"]["w_gate_DF"]
+        assert w.shape == (8, *state.params["blocks"]["mlp"]["w_gate_DF"].shape) and w.sharding.spec == P("data")
+        assert float(jnp.abs(w).max()) > 0, method
+        assert not np.array_equal(np.asarray(w[0]), np.asarray(w[1])), method  # each replica its own residual
+
+
+@pytest.fixture(scope="module")
+def small_plain():
+    # eps=1e-4: Adam's first steps are lr * g / (|g| + eps), which turns rounding in tiny gradients into visible updates.
+    return _compile(SMALL, "8", OptimConfig(warmup_steps=0, eps=1e-4))
+
+
+@pytest.mark.parametrize("method, bound", [("bf16", 1.95), ("sign", 7.9)])
+def test_bf16_and_sign_bytes(small_plain, method, bound):
+    c = _compile(SMALL, "8", OptimConfig(warmup_steps=0, compression=method))
+    assert small_plain.data_bytes() / c.data_bytes() >= bound
+    _, losses = c.run(3)
+    assert losses[2] < losses[0]
+
+
+def test_gradient_accumulation_matches_the_full_batch(small_plain):
+    accumulated = _compile(SMALL, "8", OptimConfig(warmup_steps=0, eps=1e-4, accumulate_steps=2))
+    full, _ = small_plain.run(2)
+    acc, _ = accumulated.run(2)
+    assert _max_diff(full.params, acc.params) < 1e-6
+
+
+# --------------------------------------------------------------------------- tensor parallelism and checkpoints
+
+
+def test_powersgd_with_tensor_parallelism_and_error_feedback_checkpoint(tmp_path):
+    """4x2 (data x tensor): residuals split over data and tensor; they survive a checkpoint round trip exactly."""
+    c = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=2))
+    state, losses = c.run(2)
+    assert losses[1] < losses[0]
+    residual = state.opt_state[0].residual.value
+    assert residual["blocks"]["mlp"]["w_gate_DF"].sharding.spec == P("data", None, None, "tensor")
+    assert float(jnp.abs(residual["blocks"]["mlp"]["w_gate_DF"]).max()) > 0
+    manager = checkpoint.checkpoint_manager(tmp_path, keep=1)
+    checkpoint.save(manager, 2, state)
+    manager.wait_until_finished()
+    restored = checkpoint.restore(manager, 2, c.abstract)
+    manager.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(a, b)
+    # Training on from the restored state is training on from the saved one.
+    after, _ = c.step(jax.tree.map(lambda x: x.copy(), state), c.batches[2])
+    after_restored, _ = c.step(restored, c.batches[2])
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(after_restored)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- DiLoCo
+
+
+def test_diloco_h1_with_outer_sgd_lr1_is_synchronous_training():
+    sgd = dict(optimizer="sgd", learning_rate=0.5, schedule="constant", warmup_steps=0, grad_clip=0.0, weight_decay=0.01)
+    sync = _compile(SMALL, "8", OptimConfig(**sgd))
+    local = _compile(SMALL, "8", OptimConfig(**sgd, outer="diloco", sync_every=1, outer_learning_rate=1.0, outer_momentum=0.0))
+    a, a_losses = sync.run(3)
+    b, b_losses = local.run(3)
+    assert a_losses == pytest.approx(b_losses, abs=1e-5)
+    assert _max_diff(a.params, b.params) < 1e-6
+
+
+def test_diloco_communicates_every_h_steps_only():
+    c = _compile(SMALL, "8", OptimConfig(warmup_steps=0, outer="diloco", sync_every=4))
+    assert c.data_bytes(conditional=False) == 0  # the inner steps: no collective over data at all
+    n_params = SMALL.num_params()
+    assert c.data_bytes(conditional=True) == pytest.approx(n_params * 4 * 2 * 7 / 8, rel=1e-3)  # one f32 all-reduce of the delta
+    state, outer0 = c.fresh(), None
+    outer0 = jax.device_get(state.params)
+    for i in range(4):
+        state, _ = c.step(state, c.batches[i % 3])
+        replicas = state.opt_state.replica.value[0]["lm_head_DV"]
+        if i < 3:
+            assert _max_diff(state.params, outer0) == 0  # the outer params wait for the sync
+            assert not np.array_equal(np.asarray(replicas[0]), np.asarray(replicas[1]))  # replicas drift apart
+        else:
+            assert _max_diff(state.params, outer0) > 0
+            np.testing.assert_array_equal(replicas[0], replicas[7])  # every replica restarts from the new outer params
+            np.testing.assert_array_equal(replicas[0], state.params["lm_head_DV"])
+
+
+def test_diloco_through_the_loop_with_accumulation(tmp_path, text_dir):
+    from jaxbig.train.loop import train
+    from jaxbig.train.restore import load_params
+
+    overrides = [
+        "model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16",
+        "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=32", "data.val_fraction=0.2", f"data.paths={text_dir}",
+        "train.batch_size=16", "train.steps=8", "train.log_every=4", "train.eval_every=4", "train.eval_batches=1",
+        f"train.run_dir={tmp_path / 'run'}", "optim.warmup_steps=2", "optim.outer=diloco", "optim.sync_every=4",
+        "optim.accumulate_steps=2", "mesh.data=8",
+    ]  # fmt: skip
+    summary = train(load_config(None, overrides), progress=False)
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    _, _, params, step = load_params(tmp_path / "run")
+    assert step == 8 and params["lm_head_DV"].shape == (64, 256)
+
+
+# --------------------------------------------------------------------------- wrong combinations
+
+
+def test_wrong_combinations_fail_with_a_clear_message():
+    cfg = load_config(None, ["optim.compression=powersgd", "optim.powersgd_rank=200", "train.steps=8", "optim.warmup_steps=0"])
+    mesh = make_mesh(MeshConfig(data=8))
+    tx, _ = optimizer_for(cfg, dict(mesh.shape))
+    with pytest.raises(CompressionError, match=r"PowerSGD rank 200 exceeds the smaller side of the 128x512 .*powersgd_rank <= 128"):
+        init_train_state(cfg.model, tx, mesh, seed=0)
+    diloco = load_config(None, ["optim.outer=diloco", "train.steps=8", "optim.warmup_steps=0"])
+    with pytest.raises(ConfigError, match=r"optim.outer=diloco works over the data axis, but the mesh has data=1.*>= 2 data replicas"):
+        optimizer_for(diloco, {"data": 1, "pipeline": 1, "fsdp": 1, "tensor": 8})
+    int8 = load_config(None, ["optim.compression=int8"])
+    with pytest.raises(ConfigError, match="optim.compression=int8 with mesh fsdp=2"):
+        optimizer_for(int8, {"data": 4, "pipeline": 1, "fsdp": 2, "tensor": 1})
+    accumulate = load_config(None, ["optim.accumulate_steps=4", "train.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"16 / optim.accumulate_steps=4 = 4 sequences per microbatch, not divisible by data x fsdp = 8"):
+        optimizer_for(accumulate, {"data": 8, "pipeline": 1, "fsdp": 1, "tensor": 1})
+    tx = compression.int8(num_replicas=2)
+    grads = {"w": jnp.ones((4, 4))}
+    with pytest.raises(ValueError, match="inside jax.shard_map over 'data'"):
+        tx.update(grads, tx.init(grads))
