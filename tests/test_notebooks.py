@@ -19,6 +19,7 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "colab" / "01_quickstart.ipynb"
+PARALLELISM = ROOT / "colab" / "02_parallelism.ipynb"
 KERNEL = "jaxbig-test"
 
 
@@ -49,6 +50,21 @@ def _stdout(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
+def _text(cell) -> str:
+    """stdout and the plain-text form of displayed objects (rich renders to a display in a kernel), ANSI colours removed."""
+    parts = []
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream" and o.get("name") == "stdout":
+            parts.append(o.get("text", ""))
+        elif o.get("output_type") in ("display_data", "execute_result"):
+            parts.append(o.get("data", {}).get("text/plain", ""))
+    return re.sub(r"\x1b\[[0-9;]*m", "", "".join(parts))
+
+
+def _has_png(cell) -> bool:
+    return any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+
+
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     nb = nbformat.read(QUICKSTART, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs cleared"
@@ -77,3 +93,57 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     assert "--- greedy" in sample_text and sample_text.count("--- sample") == 3, sample_text
     continuations = "".join(line for line in sample_text.splitlines() if not line.startswith("---")).replace("def ", "")
     assert len("".join(continuations.split())) > 30, sample_text  # 40 steps in, greedy may be all spaces; samples are not
+
+
+def test_parallelism_notebook_runs_top_to_bottom(tmp_path):
+    nb = nbformat.read(PARALLELISM, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs cleared"
+    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300, resources={"metadata": {"path": str(ROOT)}})
+    client.execute(env=_kernel_env(), cleanup_kc=True)  # raises on the first failing cell
+    cells = {c.get("id"): c for c in nb.cells}
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+    assert "8 cpu devices" in _stdout(cells["devices"])
+    meshes = _stdout(cells["meshes"])
+    for line in (
+        "4x2 -> mesh {'data': 4, 'pipeline': 1, 'fsdp': 1, 'tensor': 2}",
+        "data=2,fsdp=2,tensor=2 -> mesh {'data': 2, 'pipeline': 1, 'fsdp': 2, 'tensor': 2}",
+        "2x2x2 -> mesh {'data': 2, 'pipeline': 2, 'fsdp': 1, 'tensor': 2}",
+    ):
+        assert line in meshes, meshes
+    assert re.search(r"^embed\s+fsdp$", _stdout(cells["rules"]), re.M), _stdout(cells["rules"])
+    assert re.search(r"lm_head_DV\s+\(128, 256\)\s+P\('fsdp', 'tensor'\)\s+\(64, 128\)", _stdout(cells["layout"]))
+
+    # visualize_array_sharding drew the blocks: on data=2,fsdp=2,tensor=2 each block sits on its two data replicas.
+    drawn = _text(cells["visualize"])
+    assert drawn.count("CPU 0,4") == 2 and drawn.count("CPU 3,7") == 2, drawn  # lm_head_DV and the MLP weight
+    assert all(f"CPU {a},{a + 4}" in drawn for a in range(4)), drawn
+    drawn = _text(cells["visualize-pipeline"])
+    assert "CPU 0,1,4,5" in drawn and "CPU 2,3,6,7" in drawn, drawn  # the layer stack split over 2 stages
+
+    # The bubble counted from the replayed schedule equals (p-1)/(v*m+p-1).
+    bubbles = re.findall(
+        r"(\w+) p=(\d+) m=(\d+) v=(\d+): (\d+) steps, idle (\d+) of (\d+) stage-steps = ([\d.]+); formula .* = ([\d.]+)$",
+        _stdout(cells["schedule"]), re.M,
+    )
+    assert [(b[0], b[1], b[2], b[3]) for b in bubbles] == [("GPipe", "4", "8", "1"), ("circular", "4", "8", "2")], bubbles
+    for _, p, m, v, steps, idle, total, counted, formula in bubbles:
+        p, m, v = int(p), int(m), int(v)
+        expected = (p - 1) / (v * m + p - 1)
+        assert int(steps) == v * m + p - 1 and int(total) == p * int(steps)
+        assert int(idle) / int(total) == pytest.approx(expected)
+        assert float(counted) == pytest.approx(expected, abs=1e-4) and float(formula) == pytest.approx(expected, abs=1e-4)
+    assert _has_png(cells["schedule"]), "the schedule cell drew no figure"
+
+    # One row of collective bytes per layout: all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute, total.
+    rows = {}
+    for line in _stdout(cells["collectives"]).splitlines():
+        fields = line.split()
+        if len(fields) == 7 and "=" in fields[0]:
+            rows[fields[0]] = [float(f.replace(",", "")) for f in fields[1:]]
+    assert list(rows) == ["data=8", "fsdp=8", "data=4,tensor=2", "data=2,tensor=2,pipeline=2"], rows
+    for layout, (reduce, gather, _, _, permute, total) in rows.items():
+        assert reduce > 0 and total == pytest.approx(sum(rows[layout][:5]), abs=0.5), (layout, rows[layout])
+        assert (gather > 0) == (layout == "fsdp=8"), (layout, rows[layout])  # weights gathered only under FSDP
+        assert (permute > 0) == ("pipeline" in layout), (layout, rows[layout])  # stage to stage only with a pipeline
+    assert _has_png(cells["collectives-plot"]), "the collectives cell drew no bar chart"
