@@ -110,6 +110,7 @@ class ParallelConfig:
     microbatches: int = 0  # pipeline microbatches per step (0 = 2 x pipeline stages)
     schedule: str = "gpipe"  # pipeline schedule: gpipe or circular
     repeats: int = 1  # circular schedule: layer chunks per stage (virtual stages)
+    sequence_parallel: bool = False  # shard the residual stream (norms, residual adds) over tensor along the sequence
 
     def __post_init__(self):
         _require(self.microbatches >= 0, f"parallel.microbatches={self.microbatches} must be >= 0 (0 = 2 x stages)")

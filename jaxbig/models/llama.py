@@ -25,7 +25,7 @@ from jaxbig.parallel.rules import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
 
-_ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
+_ACT_BTD = ("activation_batch", "activation_norm_length", "activation_embed")  # the residual stream
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any, logical: tuple[str, ...]) -> nnx.Param:

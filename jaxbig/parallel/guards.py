@@ -101,6 +101,16 @@ def check_fsdp_replication(abstract: Params, shardings: Params, mesh: Mesh, tole
         )
 
 
+def check_sequence_parallel(seq_len: int, sequence_parallel: bool, sizes: dict[str, int]) -> None:
+    """Sequence parallelism splits the residual stream's tokens over tensor: seq_len must divide."""
+    tensor = sizes.get("tensor", 1)
+    if sequence_parallel and seq_len % tensor:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits data.seq_len={seq_len} over mesh tensor={tensor}, which does not divide it; "
+            f"use a seq_len that is a multiple of {tensor} or turn sequence_parallel off"
+        )
+
+
 def check_layout(model: ModelConfig, mesh: Mesh) -> None:
     """Both guards, from the model config and the mesh; nothing is allocated."""
     check_divisibility(model, dict(mesh.shape))
@@ -108,4 +118,4 @@ def check_layout(model: ModelConfig, mesh: Mesh) -> None:
     check_fsdp_replication(abstract, tree_shardings(logical, abstract, mesh), mesh)
 
 
-__all__ = ["FSDP_REPLICATED_TOLERANCE", "check_divisibility", "check_fsdp_replication", "check_layout", "replicated_over"]
+__all__ = ["FSDP_REPLICATED_TOLERANCE", "check_divisibility", "check_sequence_parallel", "check_fsdp_replication", "check_layout", "replicated_over"]

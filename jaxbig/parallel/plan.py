@@ -47,6 +47,7 @@ from jaxbig.optim import build_optimizer
 from jaxbig.parallel.guards import check_layout
 from jaxbig.parallel.hlo import KINDS, parse_collectives
 from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
+from jaxbig.parallel.rules import rules_for, use_rules
 from jaxbig.train.state import abstract_train_state, logical_axes
 from jaxbig.train.step import jit_train_step, make_train_step
 
@@ -135,7 +136,7 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
     check_pipeline(cfg, dict(mesh.shape))
     run_layers = layer_runner(mesh, cfg.parallel)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
         _, shardings, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
         graphdef, _, _ = logical_axes(cfg.model)
         bsharding = batch_sharding(mesh, B, T)

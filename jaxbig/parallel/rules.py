@@ -24,6 +24,8 @@ vocab over tensor; d_model over fsdp) are refused up front by `jaxbig.parallel.g
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import jax
@@ -43,6 +45,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # activations
     ("activation_batch", ("pipeline", "data", "fsdp")),
     ("activation_length", ()),
+    ("activation_norm_length", ()),  # the residual stream's sequence axis; ("tensor",) with sequence parallelism
     ("activation_embed", ()),
     ("activation_heads", ("tensor",)),
     ("activation_kv_heads", ("tensor",)),
@@ -94,6 +97,29 @@ def tree_shardings(logical_tree, abstract_tree, mesh: jax.sharding.Mesh, rules=R
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+_ACTIVE_RULES: contextvars.ContextVar[tuple[tuple[str, tuple[str, ...]], ...]] = contextvars.ContextVar("jaxbig_rules", default=RULES)
+
+
+def rules_for(sequence_parallel: bool = False) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The rules a run uses: `RULES`, with the residual stream split over tensor along the sequence
+    when `sequence_parallel` (Korthikanti et al. 2022: the per-layer all-reduce becomes a
+    reduce-scatter onto sequence shards plus an all-gather before the next column-parallel matmul,
+    so norms and residual adds work on 1/tensor of the tokens)."""
+    if not sequence_parallel:
+        return RULES
+    return tuple((name, ("tensor",)) if name == "activation_norm_length" else (name, axes) for name, axes in RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, tuple[str, ...]]]):
+    """Activation constraints traced inside this block follow `rules` (params always follow `RULES`)."""
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`.
 
@@ -104,5 +130,5 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     auto = {k: v for k, v in mesh.shape.items() if k not in mesh.manual_axes}
-    spec = logical_to_spec(logical, x.shape, auto)
+    spec = logical_to_spec(logical, x.shape, auto, _ACTIVE_RULES.get())
     return jax.lax.with_sharding_constraint(x, spec)

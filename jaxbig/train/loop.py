@@ -19,9 +19,10 @@ from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.optim import optimizer_for, uses_data_parallel_step
-from jaxbig.parallel.guards import check_layout
+from jaxbig.parallel.guards import check_layout, check_sequence_parallel
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
+from jaxbig.parallel.rules import rules_for, use_rules
 from jaxbig.train import metrics as metrics_lib
 from jaxbig.train.dp_step import make_dp_train_step
 from jaxbig.train.state import init_train_state
@@ -82,6 +83,7 @@ def train(
     check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
     check_batch_divides(cfg.train.batch_size, mesh)
     check_pipeline(cfg, dict(mesh.shape))
+    check_sequence_parallel(cfg.data.seq_len, cfg.parallel.sequence_parallel, dict(mesh.shape))
     run_layers = layer_runner(mesh, cfg.parallel)
     corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
@@ -90,7 +92,7 @@ def train(
     bsharding = batch_sharding(mesh, B, T)
     peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
         graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
         if uses_data_parallel_step(cfg.optim):  # compression or DiLoCo: local gradients under shard_map
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
