@@ -1,4 +1,4 @@
-"""Pipeline parallelism: the schedules' bubble, equality with one device (one step and 20), layout errors, HLO, decoding."""
+"""Pipeline parallelism: the schedules' bubble, equality with one device (one step and 20, for every layout), layout errors, HLO, decoding."""
 
 import dataclasses
 from fractions import Fraction
@@ -24,7 +24,12 @@ CFG = ModelConfig(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_di
 B, T, STEPS = 8, 16, 20
 # Adam's first steps divide by |g| + eps: a well-conditioned eps keeps 1e-9 rounding differences at 1e-9.
 OPTIM = OptimConfig(warmup_steps=2, eps=1e-4)
+# Every layout the parallelism issue names, pipeline or not, checked against one device the same way.
 LAYOUTS = {
+    "data8": (MeshConfig(data=8), ParallelConfig()),
+    "fsdp8": (MeshConfig(data=1, fsdp=8), ParallelConfig()),
+    "data4-tensor2": (MeshConfig(data=4, tensor=2), ParallelConfig()),
+    "data2-fsdp2-tensor2": (MeshConfig(data=2, fsdp=2, tensor=2), ParallelConfig()),
     "2x2x2-gpipe": (MeshConfig(data=2, tensor=2, pipeline=2), ParallelConfig()),
     "2x2x2-circular": (MeshConfig(data=2, tensor=2, pipeline=2), ParallelConfig(schedule="circular", repeats=2)),
     "tensor2-pipeline4": (MeshConfig(data=1, tensor=2, pipeline=4), ParallelConfig()),
