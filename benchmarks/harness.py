@@ -213,13 +213,13 @@ def report(results: list[Result], peak: float, *, command: str, to_first_step: f
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replaces the text between the markers in `path` (appending the section if it is missing)."""
+def write_section(path: Path, body: str, start: str = START, end: str = END, intro: str = SECTION_INTRO) -> None:
+    """Replaces the text between the markers in `path` (appending `intro` and the section if it is missing)."""
     text = path.read_text() if path.is_file() else INTRO
-    section = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, count=1, flags=re.S)
+    section = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, text, count=1, flags=re.S)
     else:
-        text = text.rstrip("\n") + "\n\n" + SECTION_INTRO + "\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + intro + "\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

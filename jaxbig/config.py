@@ -166,12 +166,13 @@ class OptimConfig:
     accumulate_steps: int = 1  # microbatches per step: gradients are summed over them before one update
     compression: str = "none"  # gradient exchange over the data axis: none, bf16, int8, topk, powersgd or sign
     powersgd_rank: int = 4  # powersgd: rank of the low-rank gradient approximation
+    powersgd_view: str = "matrix"  # powersgd: each layer's weight its own matrix (matrix), layers in the rows (stacked), or all fused
     topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
     error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
     outer: str = "none"  # none, or diloco: local steps per data replica with an outer Nesterov step
     sync_every: int = 8  # diloco: H, inner steps between synchronisations
-    outer_learning_rate: float = 0.7  # diloco: outer SGD learning rate on the averaged parameter delta
-    outer_momentum: float = 0.9  # diloco: outer Nesterov momentum (0 = plain outer SGD)
+    outer_learning_rate: float = 0.8  # diloco: outer learning rate on the averaged delta (paper, H=500: 0.7)
+    outer_momentum: float = 0.0  # diloco: outer Nesterov momentum (paper, H=500: 0.9; at H=8 it overshoots)
 
     def __post_init__(self):
         _require(self.optimizer in OPTIMIZERS, f"optim.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
@@ -193,6 +194,10 @@ class OptimConfig:
         _require(self.accumulate_steps >= 1, f"optim.accumulate_steps={self.accumulate_steps} must be >= 1")
         _require(self.compression in COMPRESSIONS, f"optim.compression={self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
         _require(self.powersgd_rank >= 1, f"optim.powersgd_rank={self.powersgd_rank} must be >= 1")
+        _require(
+            self.powersgd_view in ("matrix", "stacked", "fused"),
+            f"optim.powersgd_view={self.powersgd_view!r}: use matrix, stacked or fused",
+        )
         _require(0.0 < self.topk_fraction <= 1.0, f"optim.topk_fraction={self.topk_fraction} must be in (0, 1]")
         _require(self.outer in OUTER, f"optim.outer={self.outer!r}: use none or diloco")
         _require(self.sync_every >= 1, f"optim.sync_every={self.sync_every} must be >= 1")

@@ -4,6 +4,13 @@
 
 One device, one process, alternating timed rounds (see benchmarks/harness.py). Prints the
 table and writes it to docs/benchmarks.md between the `bench:foundation` markers.
+
+    python scripts/bench.py --compression [--config small] [--steps 128] [--methods none int8 powersgd ...]
+
+Gradient compression and DiLoCo on 8 (emulated) data replicas (see benchmarks/compression.py):
+bytes over the data axis per step for every method, and the validation loss after `--steps`
+steps on the real corpus for `--methods`; writes the `bench:compression` section and
+docs/compression_loss.png.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-# No emulate_cpu_devices() here: the benchmark measures one device, the process's first.
+# The foundation benchmark measures one device, the process's first; the compression benchmark
+# needs data replicas, so only it emulates 8 CPU devices (before jax is imported).
+if "--compression" in sys.argv[1:]:
+    from jaxbig.runtime import emulate_cpu_devices
+
+    emulate_cpu_devices(8)
 
 from benchmarks import harness  # noqa: E402
 from jaxbig.config import ConfigError, load_config  # noqa: E402
@@ -28,11 +40,20 @@ from jaxbig.config import ConfigError, load_config  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", nargs="+", default=["tiny", "small"], help="preset names (configs/NAME.yaml) or YAML paths")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth, from a warm step)")
+    parser.add_argument("--config", nargs="+", default=None, help="preset names (configs/NAME.yaml) or YAML paths (default: tiny small; --compression: small)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth); --compression: training steps (default 128)")
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
+    parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
+    parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression: config override for every method")
     args = parser.parse_args(argv)
+    if args.compression:
+        from benchmarks import compression
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return compression.main(args, command)
+    args.config = args.config or ["tiny", "small"]
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
         parser.error(f"--steps and --repeats must be >= 1, got --steps {args.steps} --repeats {args.repeats}")
 

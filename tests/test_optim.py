@@ -13,15 +13,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxbig import checkpoint
-from jaxbig.config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from jaxbig.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from jaxbig.data.pipeline import batch_sharding
-from jaxbig.optim import build_optimizer, decay_mask, learning_rate_schedule, matrix_views, optimizer_for
+from jaxbig.optim import build_optimizer, decay_mask, learning_rate_schedule, optimizer_for, uses_data_parallel_step
 from jaxbig.optim import compression
 from jaxbig.optim.compression import CompressionError
 from jaxbig.parallel.hlo import collective_bytes
 from jaxbig.parallel.mesh import make_mesh, parse_mesh_spec
 from jaxbig.train.dp_step import make_dp_train_step
-from jaxbig.train.state import init_train_state, logical_axes
+from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_train_step, make_train_step
 
 TINY = ModelConfig()  # the tiny preset
@@ -52,10 +52,10 @@ class Compiled:
 
 
 def _compile(model: ModelConfig, spec: str, optim: OptimConfig, *, exact: bool = False, B: int = 16, T: int = 64) -> Compiled:
-    """One train step compiled on the mesh `spec`: plain when `optim` needs no shard_map, unless `exact` (the none compressor)."""
+    """The loop's train step for `optim` on the mesh `spec`, compiled; `exact`: the dp step with the none compressor."""
     mesh = make_mesh(MeshConfig(**parse_mesh_spec(spec)), spec=spec)
-    views = matrix_views(logical_axes(model)[2])
-    tx, schedule = build_optimizer(optim, 10, num_replicas=mesh.shape["data"], views=views)
+    cfg = Config(model=model, data=DataConfig(seq_len=T), optim=optim, train=TrainConfig(steps=16, batch_size=B))
+    tx, schedule = optimizer_for(cfg, dict(mesh.shape))
     if exact:
         tx = optax.chain(compression.exact(), tx)
     rng = np.random.default_rng(0)
@@ -64,8 +64,7 @@ def _compile(model: ModelConfig, spec: str, optim: OptimConfig, *, exact: bool =
         graphdef, state, shardings, abstract = init_train_state(model, tx, mesh, seed=0)
         bs = batch_sharding(mesh, B, T)
         batches = [{"inputs": jax.device_put(t[:, :-1], bs), "targets": jax.device_put(t[:, 1:], bs)} for t in tokens]
-        dp = exact or optim.compression != "none" or optim.outer != "none"
-        if dp:
+        if exact or uses_data_parallel_step(optim):
             fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, optim.accumulate_steps)
         else:
             fn = make_train_step(graphdef, tx, schedule, accumulate_steps=optim.accumulate_steps)
@@ -153,23 +152,28 @@ def tiny_steps():
     """The tiny model's step on 8 data replicas, compiled once per method."""
     out = {"plain": _compile(TINY, "8", OptimConfig(warmup_steps=0))}
     out["none"] = _compile(TINY, "8", OptimConfig(warmup_steps=0), exact=True)
-    for method in ("int8", "powersgd", "topk"):
-        out[method] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression=method, powersgd_rank=4, topk_fraction=0.01))
+    for method in ("int8", "topk"):
+        out[method] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression=method, topk_fraction=0.01))
+    for view in ("matrix", "fused"):
+        out[f"powersgd-{view}"] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=4, powersgd_view=view))
     return out
 
 
 def test_compressed_bytes_over_data_per_step(tiny_steps):
-    """Compiled HLO, 8 replicas: int8 >= 3.9x, PowerSGD rank 4 >= 50x, top-1% >= 10x fewer bytes than f32."""
+    """Compiled HLO, 8 replicas: int8 >= 3.9x, PowerSGD rank 4 >= 50x (fused view), top-1% >= 10x fewer bytes than f32."""
     b = {m: c.data_bytes() for m, c in tiny_steps.items()}
     # The plain step all-reduces each layer's gradient inside the backward loop; counted per trip, it equals one psum.
     assert b["none"] == pytest.approx(b["plain"], rel=1e-4)
     assert b["plain"] == pytest.approx(TINY.num_params() * 4 * 2 * 7 / 8, rel=1e-3)
     assert b["plain"] / b["int8"] >= 3.9
-    assert b["plain"] / b["powersgd"] >= 50
     assert b["plain"] / b["topk"] >= 10
+    assert b["plain"] / b["powersgd-fused"] >= 50
+    # Per-layer matrices of the tiny model are at most 128 on a side, so rank 4 saves at most 128/(2*4) = 16x on
+    # square ones and 32x on 128x512 ones: 50x needs the fused view.
+    assert 20 <= b["plain"] / b["powersgd-matrix"] < 32
     kinds = {m: {k for k, v in collective_bytes(c.hlo, c.mesh, over="data").items() if v} for m, c in tiny_steps.items()}
     assert kinds["int8"] == {"all-to-all", "all-gather"}
-    assert kinds["powersgd"] == {"all-reduce"}
+    assert kinds["powersgd-fused"] == kinds["powersgd-matrix"] == {"all-reduce"}
     assert kinds["topk"] == {"all-gather"}
 
 
@@ -183,7 +187,7 @@ def test_none_is_bit_identical_to_the_plain_data_parallel_step(tiny_steps):
 
 def test_compressed_steps_train_and_keep_residuals_per_replica(tiny_steps):
     _, plain_losses = tiny_steps["plain"].run(3)
-    for method in ("int8", "powersgd", "topk"):
+    for method in ("int8", "powersgd-matrix", "topk"):
         state, losses = tiny_steps[method].run(3)
         assert losses[0] == pytest.approx(plain_losses[0], abs=1e-5), method  # same params, same batch
         assert losses[2] < losses[0] and abs(losses[2] - plain_losses[2]) < 0.15, (method, losses, plain_losses)
@@ -218,10 +222,14 @@ def test_gradient_accumulation_matches_the_full_batch(small_plain):
 # --------------------------------------------------------------------------- tensor parallelism and checkpoints
 
 
-def test_powersgd_with_tensor_parallelism_and_error_feedback_checkpoint(tmp_path):
-    """4x2 (data x tensor): residuals split over data and tensor; they survive a checkpoint round trip exactly."""
-    c = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=2))
-    state, losses = c.run(2)
+def test_compression_with_tensor_parallelism_and_error_feedback_checkpoint(tmp_path):
+    """4x2 (data x tensor): each device compresses its own tensor shard; residuals split over data and
+    tensor survive a checkpoint round trip exactly."""
+    plain = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0))
+    int8 = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="int8"))
+    assert plain.data_bytes() / int8.data_bytes() >= 3.8  # 3.89: two flat groups (split, replicated), each padded to 4 x 256
+    assert int8.data_bytes() * 2 < sum(collective_bytes(int8.hlo, int8.mesh).values())  # the tensor groups carry the rest
+    state, losses = int8.run(2)
     assert losses[1] < losses[0]
     residual = state.opt_state[0].residual.value
     assert residual["blocks"]["mlp"]["w_gate_DF"].sharding.spec == P("data", None, None, "tensor")
@@ -229,16 +237,21 @@ def test_powersgd_with_tensor_parallelism_and_error_feedback_checkpoint(tmp_path
     manager = checkpoint.checkpoint_manager(tmp_path, keep=1)
     checkpoint.save(manager, 2, state)
     manager.wait_until_finished()
-    restored = checkpoint.restore(manager, 2, c.abstract)
+    restored = checkpoint.restore(manager, 2, int8.abstract)
     manager.close()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(a, b)
     # Training on from the restored state is training on from the saved one.
-    after, _ = c.step(jax.tree.map(lambda x: x.copy(), state), c.batches[2])
-    after_restored, _ = c.step(restored, c.batches[2])
+    after, _ = int8.step(jax.tree.map(lambda x: x.copy(), state), int8.batches[2])
+    after_restored, _ = int8.step(restored, int8.batches[2])
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(after_restored)):
         np.testing.assert_array_equal(a, b)
+    # PowerSGD's factors are all-reduced over data; the compiler partitions its matmuls over tensor.
+    powersgd = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=2))
+    assert plain.data_bytes() / powersgd.data_bytes() >= 10
+    _, losses = powersgd.run(2)
+    assert losses[1] < losses[0]
 
 
 # --------------------------------------------------------------------------- DiLoCo
@@ -294,7 +307,7 @@ def test_diloco_through_the_loop_with_accumulation(tmp_path, text_dir):
 
 
 def test_wrong_combinations_fail_with_a_clear_message():
-    cfg = load_config(None, ["optim.compression=powersgd", "optim.powersgd_rank=200", "train.steps=8", "optim.warmup_steps=0"])
+    cfg = load_config(None, ["optim.compression=powersgd", "optim.powersgd_rank=200", "optim.powersgd_view=fused", "train.steps=8", "optim.warmup_steps=0"])
     mesh = make_mesh(MeshConfig(data=8))
     tx, _ = optimizer_for(cfg, dict(mesh.shape))
     with pytest.raises(CompressionError, match=r"PowerSGD rank 200 exceeds the smaller side of the 128x512 .*powersgd_rank <= 128"):

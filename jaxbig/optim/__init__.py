@@ -70,9 +70,12 @@ def base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.Gradient
 
 
 def build_optimizer(
-    cfg: OptimConfig, total_steps: int, *, num_replicas: int = 1, views=None
+    cfg: OptimConfig, total_steps: int, *, num_replicas: int = 1, views=None, shard_specs=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule). Compression and DiLoCo need `num_replicas`, the data-axis size.
+
+    `views` are PowerSGD's matrix views and `shard_specs` the params' PartitionSpecs over the
+    tensor axis (see `compression.from_name`); `optimizer_for` derives both from the model.
 
     Without them the result is `clip -> base` (AdamW by default), applied to averaged
     gradients. With `cfg.compression` it is `compress -> clip -> base`, run on local gradients
@@ -93,6 +96,7 @@ def build_optimizer(
             fraction=cfg.topk_fraction,
             error_feedback=cfg.error_feedback,
             views=views,
+            shard_specs=shard_specs,
         )
         tx = optax.chain(compress, tx)
     return tx, schedule
@@ -103,23 +107,31 @@ def uses_data_parallel_step(cfg: OptimConfig) -> bool:
     return cfg.compression != "none" or cfg.outer != "none"
 
 
-def matrix_views(logical_specs) -> dict:
+def matrix_views(logical_specs, mode: str = "matrix") -> dict:
     """PowerSGD views from the params' logical axes.
 
-    Rows are the residual-stream side of a weight, `embed` (with `layers` for stacked
-    blocks); columns are the rest (heads x head_dim, mlp, vocab). Weights sharing the row
-    axes are concatenated along the columns: all stacked block weights form one
-    [layers·embed, ...] matrix, the embedding and output head another. Norm scales (no
-    `embed` axis) go uncompressed.
+    Rows are the residual-stream side of a weight, `embed`; columns the rest (heads x
+    head_dim, mlp, vocab). `mode`:
+    - matrix: every layer's weight is its own [embed, rest] matrix (PowerSGD as published);
+    - stacked: the `layers` axis joins the rows, [layers·embed, rest] per weight;
+    - fused: as stacked, and weights with the same row axes are concatenated along the
+      columns: all block weights form one matrix, the embedding and output head another.
+    Each step fewer numbers cross the wire from matrix to fused, and each carries a coarser
+    approximation (error feedback sends the rest later). Norm scales (no `embed`) go uncompressed.
     """
+    if mode not in ("matrix", "stacked", "fused"):
+        raise ConfigError(f"optim.powersgd_view={mode!r}: use matrix, stacked or fused")
 
     def view(spec) -> MatrixView | None:
         names = tuple(spec)
-        rows = tuple(i for i, n in enumerate(names) if n in ("layers", "embed"))
-        cols = tuple(i for i in range(len(names)) if i not in rows)
+        row_names = ("embed",) if mode == "matrix" else ("layers", "embed")
+        batch = tuple(i for i, n in enumerate(names) if n == "layers") if mode == "matrix" else ()
+        rows = tuple(i for i, n in enumerate(names) if n in row_names)
+        cols = tuple(i for i in range(len(names)) if i not in rows and i not in batch)
         if "embed" not in names or not cols:
             return None
-        return MatrixView(rows=rows, cols=cols, group="+".join(names[i] for i in rows))
+        group = "+".join(names[i] for i in batch + rows) if mode == "fused" else None
+        return MatrixView(rows=rows, cols=cols, group=group, batch=batch)
 
     return jax.tree.map(view, logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
@@ -153,12 +165,23 @@ def optimizer_for(cfg: Config, mesh_shape: dict[str, int]) -> tuple[optax.Gradie
             f"train.batch_size={cfg.train.batch_size} / optim.accumulate_steps={k} = {cfg.train.batch_size // k} sequences per "
             f"microbatch, not divisible by data x fsdp = {replicas}; use a batch size that is a multiple of {k * replicas}"
         )
-    views = None
-    if cfg.optim.compression == "powersgd":
-        from jaxbig.train.state import logical_axes  # the model's logical axes; train.state imports no optim
+    views = shard_specs = None
+    if cfg.optim.compression != "none":
+        from jaxbig.parallel.rules import logical_to_spec
+        from jaxbig.train.state import logical_axes  # the model's logical axes (a lazy import: train.state imports optim)
 
-        views = matrix_views(logical_axes(cfg.model)[2])
-    return build_optimizer(cfg.optim, cfg.train.steps, num_replicas=mesh_shape.get("data", 1), views=views)
+        _, abstract, logical = logical_axes(cfg.model)
+        views = matrix_views(logical, cfg.optim.powersgd_view)
+        if any(size > 1 for axis, size in mesh_shape.items() if axis != "data"):
+            others = {**mesh_shape, "data": 1}
+            shard_specs = jax.tree.map(
+                lambda spec, x: logical_to_spec(tuple(spec) + (None,) * (x.ndim - len(spec)), x.shape, others),
+                logical,
+                abstract,
+                is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec),
+            )
+    num_replicas = mesh_shape.get("data", 1)
+    return build_optimizer(cfg.optim, cfg.train.steps, num_replicas=num_replicas, views=views, shard_specs=shard_specs)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ checkpointed with the rest of the optimizer state.
 |----------|----------------------------------------------------------|-------------------------|
 | none     | all-reduce f32                                           | 1                       |
 | bf16     | all-to-all + all-gather of 16-bit words                  | ~1/2                    |
-| int8     | all-to-all + all-gather of int8, one f32 scale per block | ~1/4                    |
+| int8     | all-to-all + all-gather of int8 (mu-law), f32 scale/block | ~1/4                    |
 | topk     | all-gather of k values (f32) and indices (int32)         | ~N·fraction             |
 | powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
 | sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
@@ -60,15 +60,16 @@ class PowerSGDState(NamedTuple):
 
 
 class MatrixView(NamedTuple):
-    """How PowerSGD sees a param as a matrix: which axes form the rows and which the columns.
+    """How PowerSGD sees a param as matrices: which axes index separate matrices, form rows, form columns.
 
-    Params with the same `group` and the same number of rows are concatenated along the
+    Params with the same `group` and the same batch and row sizes are concatenated along the
     columns into one matrix (one P, one Q). None as a view sends the param uncompressed.
     """
 
     rows: tuple[int, ...]
     cols: tuple[int, ...]
     group: str | None = None
+    batch: tuple[int, ...] = ()  # e.g. the stacked layers: one matrix per layer
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -147,38 +148,89 @@ def _bf16_decode(payload):
     return jax.lax.bitcast_convert_type(payload[0], jnp.bfloat16).astype(jnp.float32)
 
 
+_MU = 255.0  # mu-law companding: int8 codes spaced for ~constant relative precision over 2.5 decades
+
+
 def _int8_encode(x):
-    """[..., C] -> (int8 [..., C], float32 scales [..., C / INT8_BLOCK]): absmax per block of INT8_BLOCK."""
+    """[..., C] -> (int8 [..., C], float32 scales [..., C / INT8_BLOCK]): mu-law codes of x / absmax per block.
+
+    Linear codes would flush every entry below 1/254 of its block's largest to 0; Adam then
+    sees those entries as rare error-feedback spikes. mu-law keeps ~4% relative precision
+    from the block's largest entry down to ~1/300 of it.
+    """
     blocks = x.reshape(*x.shape[:-1], -1, INT8_BLOCK)
-    scale = jnp.max(jnp.abs(blocks), axis=-1) / 127.0
+    scale = jnp.max(jnp.abs(blocks), axis=-1)
     scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(blocks / scale[..., None]), -127, 127).astype(jnp.int8)
+    y = blocks / scale[..., None]
+    code = jnp.sign(y) * jnp.log1p(_MU * jnp.abs(y)) / math.log1p(_MU)
+    q = jnp.clip(jnp.round(code * 127.0), -127, 127).astype(jnp.int8)
     return q.reshape(x.shape), scale
 
 
 def _int8_decode(payload):
     q, scale = payload
-    blocks = q.reshape(*q.shape[:-1], -1, INT8_BLOCK).astype(jnp.float32) * scale[..., None]
-    return blocks.reshape(q.shape)
+    code = q.reshape(*q.shape[:-1], -1, INT8_BLOCK).astype(jnp.float32) / 127.0
+    y = jnp.sign(code) * jnp.expm1(jnp.abs(code) * math.log1p(_MU)) / _MU
+    return (y * scale[..., None]).reshape(q.shape)
 
 
-def _two_phase(method: str, encode, decode, block: int, axis_name: str, num_replicas: int, error_feedback: bool):
-    """Reduce-scatter then all-gather, each moving encoded chunks (ZeRO++ qgZ style).
+def _per_shard_method(method: str, core, num_replicas: int, axis_name: str, error_feedback: bool, shard_specs) -> optax.GradientTransformation:
+    """A compressor whose `core(x) -> (aggregate, local error)` sees the gradient tree (plus residual).
 
-    Phase 1: each replica encodes its gradient in N chunks and all-to-alls them, so replica d
-    receives everyone's chunk d, decodes and sums it in float32. Phase 2: replica d encodes its
-    summed chunk and all-gathers it. With error feedback, a replica keeps its phase-1 encoding
-    error, and the owner of chunk d also keeps that chunk's phase-2 error (the sum is exact
-    over time: every dropped bit re-enters the next step's sum once).
+    With `shard_specs` (PartitionSpecs like the params' over the other mesh axes, e.g. tensor),
+    `core` runs under a nested `shard_map` over those axes: each device flattens and sends
+    only its own shard, so tensor parallelism does not multiply the data-axis traffic.
     """
+    specs = jax.tree.leaves(shard_specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))
+    split = [{a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a} for spec in specs]
+    axes = set().union(*split)
+    if axis_name in axes:
+        raise CompressionError(f"shard_specs may not split gradients over {axis_name!r}, the axis compression reduces over")
 
     def init(params):
         return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
 
     def update(updates, state, params=None):
         del params
-        n = _check_axis(axis_name, method)
-        x, unflatten = _flatten(_add_residual(updates, state.residual))
+        _check_axis(axis_name, method)
+        x = _add_residual(updates, state.residual)
+        if not axes:
+            total, err = core(x)
+            return total, ErrorFeedbackState(_new_residual(state.residual, err))
+        # Split leaves go through the nested shard_map, shard by shard. Leaves replicated over the
+        # other axes are compressed on their own, so every copy of them computes the same bits.
+        leaves, treedef = jax.tree.flatten(x)
+        if len(leaves) != len(split):
+            raise CompressionError(f"shard_specs cover {len(split)} tensors but the gradients have {len(leaves)}")
+        sharded = [i for i, a in enumerate(split) if a]
+        whole = [i for i, a in enumerate(split) if not a]
+        in_specs = [specs[i] for i in sharded]
+        nested = jax.shard_map(core, in_specs=(in_specs,), out_specs=(in_specs, in_specs), axis_names=axes)
+        total, err = [None] * len(leaves), [None] * len(leaves)
+        for idx, fn in ((sharded, nested), (whole, core)):
+            if idx:
+                t, e = fn([leaves[i] for i in idx])
+                for i, ti, ei in zip(idx, t, e):
+                    total[i], err[i] = ti, ei
+        total, err = jax.tree.unflatten(treedef, total), jax.tree.unflatten(treedef, err)
+        return total, ErrorFeedbackState(_new_residual(state.residual, err))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _two_phase_core(encode, decode, block: int, axis_name: str):
+    """Reduce-scatter then all-gather, each moving encoded chunks (ZeRO++ qgZ style).
+
+    Phase 1: each replica encodes its gradient in N chunks and all-to-alls them, so replica d
+    receives everyone's chunk d, decodes and sums it in float32. Phase 2: replica d encodes its
+    summed chunk and all-gathers it. A replica's error is its phase-1 encoding error, plus,
+    for the owner of chunk d, that chunk's phase-2 error: with error feedback every dropped
+    bit re-enters the next step's sum exactly once.
+    """
+
+    def core(tree):
+        n = jax.lax.axis_size(axis_name)
+        x, unflatten = _flatten(tree)
         size = x.shape[0]
         chunk = -(-size // (n * block)) * block
         x_NC = jnp.pad(x, (0, n * chunk - size)).reshape(n, chunk)
@@ -188,45 +240,40 @@ def _two_phase(method: str, encode, decode, block: int, axis_name: str, num_repl
         mine_enc = encode(mine_C[None])
         gathered = jax.tree.map(lambda a: jax.lax.all_gather(a[0], axis_name, to="invarying"), mine_enc)
         total = decode(gathered).reshape(-1)[:size]
-        if not isinstance(state.residual, PerReplica):
-            return unflatten(total), state
         err1 = x_NC - decode(sent)
-        err2_C = mine_C - decode(mine_enc)[0]
         d = jax.lax.axis_index(axis_name)
-        err = jax.lax.dynamic_update_index_in_dim(err1, err1[d] + err2_C, d, axis=0)
-        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err.reshape(-1)[:size])))
+        err = jax.lax.dynamic_update_index_in_dim(err1, err1[d] + mine_C - decode(mine_enc)[0], d, axis=0)
+        return unflatten(total), unflatten(err.reshape(-1)[:size])
 
-    return optax.GradientTransformation(init, update)
+    return core
 
 
-def bf16(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+def bf16(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True, shard_specs=None) -> optax.GradientTransformation:
     """The gradient sum in bfloat16 on the wire (two phases), float32 arithmetic."""
-    return _two_phase("bf16", _bf16_encode, _bf16_decode, 1, axis_name, num_replicas, error_feedback)
+    core = _two_phase_core(_bf16_encode, _bf16_decode, 1, axis_name)
+    return _per_shard_method("bf16", core, num_replicas, axis_name, error_feedback, shard_specs)
 
 
-def int8(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+def int8(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True, shard_specs=None) -> optax.GradientTransformation:
     """The gradient sum in int8 on the wire (two phases), absmax scales per block of 256."""
-    return _two_phase("int8", _int8_encode, _int8_decode, INT8_BLOCK, axis_name, num_replicas, error_feedback)
+    core = _two_phase_core(_int8_encode, _int8_decode, INT8_BLOCK, axis_name)
+    return _per_shard_method("int8", core, num_replicas, axis_name, error_feedback, shard_specs)
 
 
 # --------------------------------------------------------------------------- top-k
 
 
-def topk(fraction: float, num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
-    """Each replica sends the largest-magnitude `fraction` of every tensor's entries (values and indices)."""
+def topk(
+    fraction: float, num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True, shard_specs=None
+) -> optax.GradientTransformation:
+    """Each replica sends the largest-magnitude `fraction` of every tensor's entries (values and int32 indices)."""
     if not 0 < fraction <= 1:
         raise CompressionError(f"top-k fraction {fraction} must be in (0, 1] (optim.topk_fraction)")
 
-    def init(params):
-        return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
-
-    def update(updates, state, params=None):
-        del params
-        _check_axis(axis_name, "topk")
-        x = _add_residual(updates, state.residual)
-        flat, unflatten = _flatten(x)
+    def core(tree):
+        flat, unflatten = _flatten(tree)
         values, indices, start = [], [], 0
-        for size in _leaf_sizes(x):
+        for size in _leaf_sizes(tree):
             leaf = flat[start : start + size]
             _, idx = jax.lax.top_k(jnp.abs(leaf), max(1, math.ceil(fraction * size)))
             values.append(leaf[idx])
@@ -236,29 +283,20 @@ def topk(fraction: float, num_replicas: int, *, axis_name: str = DATA_AXIS, erro
         all_values = jax.lax.all_gather(values_K, axis_name, to="invarying")
         all_indices = jax.lax.all_gather(indices_K, axis_name, to="invarying")
         total = jnp.zeros(flat.shape, flat.dtype).at[all_indices.reshape(-1)].add(all_values.reshape(-1))
-        if not isinstance(state.residual, PerReplica):
-            return unflatten(total), state
-        err = flat.at[indices_K].set(0.0)
-        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err)))
+        return unflatten(total), unflatten(flat.at[indices_K].set(0.0))
 
-    return optax.GradientTransformation(init, update)
+    return _per_shard_method("topk", core, num_replicas, axis_name, error_feedback, shard_specs)
 
 
 # --------------------------------------------------------------------------- sign (1 bit)
 
 
-def sign(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True) -> optax.GradientTransformation:
+def sign(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool = True, shard_specs=None) -> optax.GradientTransformation:
     """EF-signSGD: each replica sends sign bits (8 per byte) and one scale per tensor, mean(|x|)."""
 
-    def init(params):
-        return ErrorFeedbackState(_init_residual(params, num_replicas, error_feedback))
-
-    def update(updates, state, params=None):
-        del params
-        _check_axis(axis_name, "sign")
-        x = _add_residual(updates, state.residual)
-        flat, unflatten = _flatten(x)
-        sizes = _leaf_sizes(x)
+    def core(tree):
+        flat, unflatten = _flatten(tree)
+        sizes = _leaf_sizes(tree)
         size = flat.shape[0]
         bounds = [0, *itertools.accumulate(sizes)]
         scales = jnp.stack([jnp.mean(jnp.abs(flat[a:b])) for a, b in zip(bounds[:-1], bounds[1:])])
@@ -271,13 +309,10 @@ def sign(num_replicas: int, *, axis_name: str = DATA_AXIS, error_feedback: bool 
         signs_NS = all_bits.reshape(all_bits.shape[0], -1)[:, :size].astype(jnp.float32) * 2.0 - 1.0
         all_scale_NS = jnp.concatenate([jnp.broadcast_to(all_scales[:, t, None], (all_scales.shape[0], n)) for t, n in enumerate(sizes)], axis=1)
         total = jnp.sum(signs_NS * all_scale_NS, axis=0)
-        if not isinstance(state.residual, PerReplica):
-            return unflatten(total), state
         scale_S = jnp.concatenate([jnp.broadcast_to(scales[t], (n,)) for t, n in enumerate(sizes)])
-        err = flat - jnp.where(positive, scale_S, -scale_S)
-        return unflatten(total), ErrorFeedbackState(_new_residual(state.residual, unflatten(err)))
+        return unflatten(total), unflatten(flat - jnp.where(positive, scale_S, -scale_S))
 
-    return optax.GradientTransformation(init, update)
+    return _per_shard_method("sign", core, num_replicas, axis_name, error_feedback, shard_specs)
 
 
 # --------------------------------------------------------------------------- PowerSGD
@@ -288,13 +323,19 @@ def default_view(x) -> MatrixView | None:
     return MatrixView(rows=(0,), cols=tuple(range(1, x.ndim))) if x.ndim >= 2 else None
 
 
+def _sizes(shape: tuple[int, ...], view: MatrixView) -> tuple[int, int, int]:
+    """(matrices, rows, columns) of a param of `shape` under `view`."""
+    return tuple(math.prod(shape[a] for a in axes) for axes in (view.batch, view.rows, view.cols))
+
+
 def _to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
-    n = math.prod(x.shape[a] for a in view.rows)
-    return jnp.transpose(x, view.rows + view.cols).reshape(n, -1)
+    """[..] -> [b, n, m]."""
+    b, n, m = _sizes(x.shape, view)
+    return jnp.transpose(x, view.batch + view.rows + view.cols).reshape(b, n, m)
 
 
 def _from_matrix(m: jax.Array, view: MatrixView, shape: tuple[int, ...]) -> jax.Array:
-    order = view.rows + view.cols
+    order = view.batch + view.rows + view.cols
     x = m.reshape([shape[a] for a in order])
     return jnp.transpose(x, [order.index(a) for a in range(len(shape))])
 
@@ -309,8 +350,8 @@ def _groups(params, views) -> dict[str, list[int]]:
     for i, (x, view) in enumerate(zip(leaves, view_leaves)):
         if view is None:
             continue
-        rows = math.prod(x.shape[a] for a in view.rows)
-        name = f"{view.group}:{rows}" if view.group is not None else f"tensor{i}"
+        b, n, _ = _sizes(x.shape, view)
+        name = f"{view.group}:{b}x{n}" if view.group is not None else f"tensor{i:03d}"
         groups.setdefault(name, []).append(i)
     return groups
 
@@ -330,6 +371,7 @@ def powersgd(
     orthonormal(P), Q_i = M_i^T P^, Q = psum(Q_i); the aggregate is P^ Q^T, and replica i's
     error is M_i - P^ Q_i^T. Q warm-starts the next step. `views` is a tree like the params of
     `MatrixView`s or None (None everywhere: `default_view`); uncompressed tensors are psummed.
+    A view's batch axes give independent matrices (one P and Q each), handled together.
     """
     if rank < 1:
         raise CompressionError(f"PowerSGD rank {rank} must be >= 1 (optim.powersgd_rank)")
@@ -344,15 +386,15 @@ def powersgd(
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         q = {}
         for g, (name, idx) in enumerate(sorted(_groups(params, view_tree).items())):
-            mats = [(paths[i], math.prod(leaves[i].shape[a] for a in view_leaves[i].rows), math.prod(leaves[i].shape[a] for a in view_leaves[i].cols)) for i in idx]
-            n, m = mats[0][1], sum(c for _, _, c in mats)
+            mats = [(paths[i], *_sizes(leaves[i].shape, view_leaves[i])) for i in idx]
+            b, n, m = mats[0][1], mats[0][2], sum(c for *_, c in mats)
             if rank > min(n, m):
-                shown = ", ".join(f"{p} as {r}x{c}" for p, r, c in mats)
+                shown = ", ".join(f"{p} as {f'{bb} x ' if bb > 1 else ''}{r}x{c}" for p, bb, r, c in mats)
                 raise CompressionError(
                     f"PowerSGD rank {rank} exceeds the smaller side of the {n}x{m} gradient matrix ({shown}); "
                     f"a rank-{rank} approximation of it is not a compression. Use optim.powersgd_rank <= {min(n, m)}"
                 )
-            q[name] = jax.random.normal(jax.random.fold_in(jax.random.key(seed), g), (m, rank), jnp.float32)
+            q[name] = jax.random.normal(jax.random.fold_in(jax.random.key(seed), g), (b, m, rank), jnp.float32)
         return PowerSGDState(_init_residual(params, num_replicas, error_feedback), q)
 
     def update(updates, state, params=None):
@@ -372,19 +414,20 @@ def powersgd(
         new_q = {}
         for name, idx in sorted(groups.items()):
             mats = [_to_matrix(leaves[i].astype(jnp.float32), view_leaves[i]) for i in idx]
-            M_nm = jnp.concatenate(mats, axis=1)
-            P_nr = jax.lax.psum(M_nm @ state.q[name], axis_name)
-            P_nr, _ = jnp.linalg.qr(P_nr)
-            Q_mr = M_nm.T @ P_nr
-            Q_sum = jax.lax.psum(Q_mr, axis_name)
-            approx_nm, local_nm = P_nr @ Q_sum.T, P_nr @ Q_mr.T
+            M_bnm = jnp.concatenate(mats, axis=2)
+            P_bnr = jax.lax.psum(jnp.einsum("bnm,bmr->bnr", M_bnm, state.q[name]), axis_name)
+            P_bnr, _ = jnp.linalg.qr(P_bnr)
+            Q_bmr = jnp.einsum("bnm,bnr->bmr", M_bnm, P_bnr)
+            Q_sum = jax.lax.psum(Q_bmr, axis_name)
+            approx_bnm = jnp.einsum("bnr,bmr->bnm", P_bnr, Q_sum)
+            local_bnm = jnp.einsum("bnr,bmr->bnm", P_bnr, Q_bmr)
             new_q[name] = Q_sum
             start = 0
             for i, mat in zip(idx, mats):
-                cols = mat.shape[1]
+                cols = mat.shape[2]
                 shape = leaves[i].shape
-                total[i] = _from_matrix(approx_nm[:, start : start + cols], view_leaves[i], shape).astype(leaves[i].dtype)
-                err[i] = _from_matrix((mat - local_nm[:, start : start + cols]), view_leaves[i], shape).astype(leaves[i].dtype)
+                total[i] = _from_matrix(approx_bnm[:, :, start : start + cols], view_leaves[i], shape).astype(leaves[i].dtype)
+                err[i] = _from_matrix(mat - local_bnm[:, :, start : start + cols], view_leaves[i], shape).astype(leaves[i].dtype)
                 start += cols
         out = jax.tree.unflatten(treedef, total)
         return out, PowerSGDState(_new_residual(state.residual, jax.tree.unflatten(treedef, err)), new_q)
@@ -400,19 +443,26 @@ def from_name(
     fraction: float = 0.01,
     error_feedback: bool = True,
     views: Any = None,
+    shard_specs: Any = None,
     axis_name: str = DATA_AXIS,
 ) -> optax.GradientTransformation:
-    """The transform for a method name: none, bf16, int8, topk, powersgd or sign."""
+    """The transform for a method name: none, bf16, int8, topk, powersgd or sign.
+
+    `views`: PowerSGD's matrix views. `shard_specs`: the gradients' PartitionSpecs over the
+    non-data axes (tensor parallelism), so bf16, int8, topk and sign work shard by shard.
+    PowerSGD works on the whole matrices (the compiler partitions its matmuls).
+    """
+    ef = {"axis_name": axis_name, "error_feedback": error_feedback}
     if method == "none":
         return exact(axis_name)
     if method == "bf16":
-        return bf16(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+        return bf16(num_replicas, shard_specs=shard_specs, **ef)
     if method == "int8":
-        return int8(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+        return int8(num_replicas, shard_specs=shard_specs, **ef)
     if method == "topk":
-        return topk(fraction, num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+        return topk(fraction, num_replicas, shard_specs=shard_specs, **ef)
     if method == "powersgd":
-        return powersgd(rank, num_replicas, views=views, axis_name=axis_name, error_feedback=error_feedback)
+        return powersgd(rank, num_replicas, views=views, **ef)
     if method == "sign":
-        return sign(num_replicas, axis_name=axis_name, error_feedback=error_feedback)
+        return sign(num_replicas, shard_specs=shard_specs, **ef)
     raise CompressionError(f"unknown compression {method!r}: use none, bf16, int8, topk, powersgd or sign")

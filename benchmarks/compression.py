@@ -1,0 +1,250 @@
+"""Gradient compression and DiLoCo: bytes over the data axis per step, and the validation loss they cost.
+
+For each method the train step the loop would run is compiled for the run's mesh (8 data
+replicas), and `jaxbig.parallel.hlo.collective_bytes` reads the estimated bytes each device
+sends over the data axis per step from the compiled HLO (loop trip counts included; DiLoCo's
+synchronisation, inside a conditional taken every H steps, amortised over H). Then the
+methods chosen for training run `jaxbig.train.loop.train` on the real corpus with the same
+config, seed, data order and number of steps, and the validation loss after the last step
+is compared with uncompressed training (`none`). Loss curves go to a PNG in docs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import flax
+import jax
+import optax
+
+from jaxbig.config import Config, load_config
+from jaxbig.data.pipeline import batch_sharding
+from jaxbig.optim import optimizer_for, uses_data_parallel_step
+from jaxbig.parallel.hlo import collective_bytes
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.train.dp_step import make_dp_train_step
+from jaxbig.train.state import abstract_train_state, logical_axes
+from jaxbig.train.step import jit_train_step, make_train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "compression_loss.png"
+START, END = "<!-- bench:compression:start -->", "<!-- bench:compression:end -->"
+SECTION_INTRO = """## Gradient compression and DiLoCo: bytes over the data axis vs validation loss
+
+Each method's train step is compiled for the run's mesh and the bytes each device sends over
+the `data` axis per step are read from the compiled HLO (`jaxbig.parallel.hlo.collective_bytes`:
+ring estimates, collectives inside the scanned layers counted once per layer; DiLoCo's
+synchronisation, a conditional taken every H steps, amortised over H). The methods that are
+trained run the same config, seed, data order and number of steps on the real corpus;
+"val loss" is the loop's validation loss after the last step. Targets: int8 and PowerSGD
+rank 4 within 3% of `none`, DiLoCo (H=8) within 5%. Re-run with
+`python scripts/bench.py --compression`.
+"""
+
+METHODS: dict[str, list[str]] = {  # method -> config overrides (rank, fraction, H: the OptimConfig defaults)
+    "none": [],
+    "bf16": ["optim.compression=bf16"],
+    "int8": ["optim.compression=int8"],
+    "topk": ["optim.compression=topk"],
+    "powersgd": ["optim.compression=powersgd"],
+    "powersgd-fused": ["optim.compression=powersgd", "optim.powersgd_view=fused"],
+    "sign": ["optim.compression=sign"],
+    "diloco": ["optim.outer=diloco"],
+}
+TRAINED = ("none", "int8", "powersgd", "powersgd-fused", "diloco")
+TARGETS = {"int8": 0.03, "powersgd": 0.03, "powersgd-fused": 0.03, "diloco": 0.05}  # allowed relative excess of the final val loss over none
+
+
+@dataclasses.dataclass
+class MethodResult:
+    name: str
+    cfg: Config
+    bytes_by_kind: dict[str, float]  # per device per step over data (DiLoCo: amortised)
+    sync_bytes: float  # DiLoCo: bytes of one synchronisation; 0 otherwise
+    summary: dict | None = None  # the loop's summary when trained
+    records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl
+
+    @property
+    def bytes_per_step(self) -> float:
+        return sum(self.bytes_by_kind.values())
+
+    @property
+    def val_loss(self) -> float | None:
+        return None if self.summary is None else self.summary["final_eval_loss"]
+
+
+def method_config(preset: Path, method: str, steps: int, run_root: Path, extra: list[str]) -> Config:
+    overrides = [f"train.steps={steps}", f"train.run_dir={run_root / method}", *METHODS[method], *extra]
+    return load_config(preset, overrides)
+
+
+def step_bytes(cfg: Config) -> tuple[dict[str, float], float]:
+    """(bytes per device per step over data by kind, bytes of one DiLoCo sync) from the compiled step; nothing is allocated."""
+    mesh = make_mesh(cfg.mesh)
+    tx, schedule = optimizer_for(cfg, dict(mesh.shape))
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    bs = batch_sharding(mesh, B, T)
+    with jax.set_mesh(mesh):
+        graphdef, _, _ = logical_axes(cfg.model)
+        _, shardings, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        if uses_data_parallel_step(cfg.optim):
+            fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
+        else:
+            fn = make_train_step(graphdef, tx, schedule, cfg.optim.accumulate_steps)
+        batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=bs) for k in ("inputs", "targets")}
+        hlo = jit_train_step(fn, shardings, bs).lower(abstract, batch).compile().as_text()
+    always = collective_bytes(hlo, mesh, over="data", conditional=False)
+    branch = collective_bytes(hlo, mesh, over="data", conditional=True)
+    every = cfg.optim.sync_every if cfg.optim.outer == "diloco" else 1
+    return {k: always[k] + branch[k] / every for k in always}, sum(branch.values()) if every > 1 else 0.0
+
+
+def run(preset: Path, steps: int, trained: tuple[str, ...], run_root: Path, extra: list[str], say=print) -> list[MethodResult]:
+    from jaxbig.train.loop import train
+
+    results = []
+    for method in METHODS:
+        cfg = method_config(preset, method, steps, run_root, extra)
+        by_kind, sync = step_bytes(cfg)
+        result = MethodResult(method, cfg, by_kind, sync)
+        say(f"{method}: {result.bytes_per_step / 1e6:.3f} MB per step over data", flush=True)
+        if method in trained:
+            t = time.perf_counter()
+            result.summary = train(cfg, fresh=True, progress=False)
+            result.summary["bench_wall_s"] = time.perf_counter() - t
+            metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
+            result.records = [json.loads(line) for line in metrics.read_text().splitlines()]
+            say(f"{method}: val loss {result.val_loss:.4f} after {steps} steps ({result.summary['bench_wall_s']:.0f} s)", flush=True)
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _collectives(r: MethodResult) -> str:
+    return " + ".join(k for k, v in r.bytes_by_kind.items() if v) or "none"
+
+
+def table(results: list[MethodResult]) -> str:
+    base = next(r for r in results if r.name == "none")
+    rows = [
+        "| method | collectives over data | bytes / step / device | fraction of `none` | reduction | val loss | vs `none` | target | s / step |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        frac = r.bytes_per_step / base.bytes_per_step
+        note = f" (sync {r.sync_bytes / 1e6:.2f} MB every {r.cfg.optim.sync_every})" if r.sync_bytes else ""
+        if r.val_loss is None:
+            loss = diff = seconds = "not trained"
+            target = f"≤ {TARGETS[r.name]:.0%}" if r.name in TARGETS else ""
+        else:
+            loss = f"{r.val_loss:.4f}"
+            rel = r.val_loss / base.val_loss - 1 if base.val_loss else float("nan")
+            diff = "—" if r is base else f"{rel:+.2%}"
+            target = ""
+            if r.name in TARGETS:
+                target = f"≤ +{TARGETS[r.name]:.0%}: " + ("**met**" if rel <= TARGETS[r.name] else "**missed**")
+            tps = r.summary.get("tokens_per_sec")
+            seconds = f"{r.cfg.train.batch_size * r.cfg.data.seq_len / tps:.2f}" if tps else "—"
+        rows.append(
+            f"| {r.name} | {_collectives(r)}{note} | {r.bytes_per_step / 1e6:.3f} MB | {frac:.4f} | {1 / frac:.1f}× | {loss} | {diff} | {target} | {seconds} |"
+        )
+    return "\n".join(rows)
+
+
+def report(results: list[MethodResult], *, command: str, load: tuple[float, float], plot: Path | None) -> str:
+    cfg = results[0].cfg
+    mesh = dict(make_mesh(cfg.mesh).shape)
+    o = cfg.optim
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
+        f"Machine: {os.cpu_count()} CPU cores, {len(jax.devices())} emulated {jax.devices()[0].platform} devices; "
+        f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
+        f"Run: `{cfg.model.num_params() / 1e6:.2f}M`-param model ({cfg.model.num_layers} layers, d_model {cfg.model.d_model}), "
+        f"mesh {', '.join(f'{k}={v}' for k, v in mesh.items() if v > 1)}, batch {cfg.train.batch_size}×{cfg.data.seq_len}, "
+        f"{cfg.train.steps} steps, {o.optimizer} lr {o.learning_rate} ({o.schedule}, {o.warmup_steps} warmup steps), "
+        f"val loss over {cfg.train.eval_batches} validation batches. Methods: int8 mu-law codes in blocks of 256 with one f32 scale; "
+        f"PowerSGD rank {o.powersgd_rank} (`powersgd`: each layer's weight its own [embed, ·] matrix; `powersgd-fused`: all block "
+        f"weights as one [layers·embed, ·] matrix, embedding + head as another); "
+        f"top-k {o.topk_fraction:.0%} per tensor; sign 1 bit + one scale per tensor; error feedback "
+        f"{'on' if o.error_feedback else 'off'}; DiLoCo H={o.sync_every}, outer lr {o.outer_learning_rate}, "
+        f"Nesterov momentum {o.outer_momentum}.  ",
+        "",
+        table(results),
+    ]
+    if plot is not None:
+        lines += ["", f"![loss curves]({plot.name})"]
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[MethodResult], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in results if r.records]
+    if not trained:
+        return None
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in trained:
+        steps = [x["step"] for x in r.records if "loss" in x]
+        losses = [x["loss"] for x in r.records if "loss" in x]
+        smooth, ema = [], None
+        for v in losses:
+            ema = v if ema is None else 0.8 * ema + 0.2 * v
+            smooth.append(ema)
+        ax_train.plot(steps, smooth, label=r.name)
+        evals = [(0, r.summary["initial_eval_loss"])] + [(x["step"], x["eval_loss"]) for x in r.records if "eval_loss" in x]
+        ax_val.plot(*zip(*evals), marker="o", label=r.name)
+    cfg = trained[0].cfg
+    ax_train.set(title="training loss (EMA 0.8)", xlabel="step", ylabel="nats / byte")
+    ax_val.set(title="validation loss", xlabel="step", ylabel="nats / byte")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{cfg.model.num_params() / 1e6:.2f}M params, {cfg.train.steps} steps, data={make_mesh(cfg.mesh).shape['data']} replicas")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args, command: str) -> int:
+    """`scripts/bench.py --compression`: measure, train, report, write the docs section and the plot."""
+    from benchmarks import harness
+    from jaxbig.config import ConfigError
+
+    steps = args.steps or 128
+    methods = tuple(args.methods or TRAINED)
+    if "none" not in methods or any(m not in METHODS for m in methods):
+        print(f"error: --methods must include none (the baseline) and name only {', '.join(METHODS)}; got {' '.join(methods)}", file=sys.stderr)
+        return 2
+    name = (args.config or ["small"])[0]
+    preset = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / f"{name}.yaml"
+    load_before = os.getloadavg()[0]
+    try:
+        results = run(preset, steps, methods, ROOT / "runs" / "bench-compression", args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plot = None if args.no_write else plot_curves(results, PLOT)
+    text = report(results, command=command, load=(load_before, os.getloadavg()[0]), plot=plot)
+    print(text)
+    if not args.no_write:
+        harness.write_section(DOC, text, START, END, SECTION_INTRO)
+        print(f"wrote {DOC} and {PLOT}")
+    return 0
+
+
+__all__ = ["METHODS", "TRAINED", "MethodResult", "main", "plot_curves", "report", "run", "step_bytes"]
