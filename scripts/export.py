@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, help="model base path, e.g. exports/tiny (TF Serving's --model_base_path)")
     parser.add_argument("--version", type=int, required=True, help="version directory to write, a positive integer")
-    parser.add_argument("--quantize", default="int8", help="none, int8 (weight-only, default) or fp8 (weight-only)")
+    parser.add_argument("--quantize", default="int8", help="none, int8 (weight-only, default), fp8 (weight-only) or int8-dynamic (W8A8: int8 weights and per-row dynamic int8 activations)")
     parser.add_argument("--target", default="tf-serving-2.21", help="serving runtime the SavedModel must load in")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     args = parser.parse_args(argv)

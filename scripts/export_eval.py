@@ -1,4 +1,4 @@
-"""Quantization report: export a run as none/int8/fp8, measure size and validation perplexity.
+"""Quantization report: export a run as none/int8/fp8/int8-dynamic, measure size and validation perplexity.
 
 `python scripts/export_eval.py --run_dir runs/tiny` writes the `export:quant` section of docs/benchmarks.md.
 """
@@ -20,7 +20,7 @@ from jaxbig.cli import fail  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
 
 START, END = "<!-- export:quant:start -->", "<!-- export:quant:end -->"
-INTRO = """## Export: int8 / fp8 weight-only quantization
+INTRO = """## Export: int8 / fp8 weight-only and int8-dynamic (W8A8) quantization
 
 Target: the int8 SavedModel at most 0.3x the float32 one on disk, validation perplexity within 1%.
 Perplexity is measured on the *exported* function (the reloaded `jax.export` artifact, the same
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         windows = validation_windows(args.run_dir, args.batches, args.batch_size)
         rows = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for version, method in enumerate(("none", "int8", "fp8"), start=1):
+            for version, method in enumerate(("none", "int8", "fp8", "int8-dynamic"), start=1):
                 path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method)
                 rows[method] = (saved_model_bytes(path), perplexity(path, windows))
                 print(f"{method}: {rows[method][0]:,} bytes, perplexity {rows[method][1]:.4f}")

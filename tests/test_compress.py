@@ -1,9 +1,12 @@
-"""Weight-only quantization rules: storage dtypes, per-channel scales, bounded rounding error."""
+"""Quantization rules: storage dtypes, per-channel scales, bounded rounding error; W8A8 dynamic einsum."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbig.compress import dequantize, llama_rules, quantize_params
+from jaxbig.compress import dequantize, dynamic_int8_einsum, llama_rules, quantize_params
+from jaxbig.compress.quantize import _absmax_scale, _to_int8
+from jaxbig.models.llama import dense, use_dense
 
 
 def _flat():
@@ -38,5 +41,71 @@ def test_weight_only_quantization(method, dtype, step):
 def test_int4_and_unknown_methods_are_refused():
     with pytest.raises(ValueError, match="int4 is refused: it does not round-trip through TensorFlow's XlaCallModule"):
         quantize_params(_flat(), "int4", llama_rules())
-    with pytest.raises(ValueError, match="'w4a8' is not supported; use one of none, int8, fp8"):
+    with pytest.raises(ValueError, match="'w4a8' is not supported; use one of none, int8, fp8, int8-dynamic"):
         quantize_params(_flat(), "w4a8", llama_rules())
+
+
+# The model's weight matmuls (jaxbig.models.llama), at small sizes: (spec, x shape, w shape, contracted sizes).
+SPECS = [
+    ("BTD,DHK->BTHK", (2, 5, 64), (64, 4, 16)),
+    ("BTHK,HKD->BTD", (2, 5, 4, 16), (4, 16, 64)),
+    ("BTD,DF->BTF", (2, 5, 64), (64, 128)),
+    ("BTF,FD->BTD", (2, 5, 128), (128, 64)),
+    ("BTD,DV->BTV", (2, 5, 64), (64, 256)),
+]
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", SPECS)
+def test_dynamic_int8_einsum_is_close_to_float(spec, x_shape, w_shape):
+    """Bound: every int8 element is off by at most half its scale (s_x per row, s_w per output
+    channel), so elementwise |y - y_float| <= (|x| . s_w + s_x . |w|) / 2 + n s_x s_w / 4 over the
+    n contracted terms (a hard bound, +1e-5 for float32 summation). Typically that is ~1% of
+    max|y| (measured 0.8-1.1% on these shapes); we also require <= 2% of max|y|.
+    """
+    rng = np.random.default_rng(len(spec))
+    x = rng.normal(size=x_shape).astype(np.float32)
+    x[0, 0] *= 30  # one outlier row: per-row scales keep it from wrecking the others
+    w = (0.05 * rng.normal(size=w_shape)).astype(np.float32)
+    got = np.asarray(dynamic_int8_einsum(spec, x, w))
+    want = np.einsum(spec, x, w)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    contracted = [c for c in xs if c in ws and c not in out]
+    xa, wa = tuple(xs.index(c) for c in contracted), tuple(ws.index(c) for c in contracted)
+    sx, sw = np.asarray(_absmax_scale(x, xa)), np.asarray(_absmax_scale(w, wa))
+    sx_b, sw_b = np.expand_dims(sx, xa) * np.ones_like(x), np.expand_dims(sw, wa) * np.ones_like(w)
+    n = int(np.prod([x.shape[a] for a in xa]))
+    xk, wk = "".join(c for c in xs if c not in contracted), "".join(c for c in ws if c not in contracted)
+    bound = (np.einsum(spec, np.abs(x), sw_b) + np.einsum(spec, sx_b, np.abs(w))) / 2 + n * np.einsum(f"{xk},{wk}->{out}", sx, sw) / 4
+    assert (np.abs(got - want) <= bound + 1e-5).all()
+    rel = np.abs(got - want).max(axis=tuple(range(1, got.ndim)), keepdims=True) / np.abs(want).max()
+    assert rel.max() <= 0.02 * 30, rel  # the outlier batch row, vs the global max
+    assert (np.abs(got - want)[1] <= 0.02 * np.abs(want[1]).max()).all()  # batch 1 holds no outlier
+    # bfloat16 activations: same math, the result comes back in x's dtype (llama.dense's contract)
+    assert dynamic_int8_einsum(spec, jnp.asarray(x, jnp.bfloat16), w).dtype == jnp.bfloat16
+
+
+def test_dense_default_is_the_plain_einsum_and_context_swaps_it():
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(2, 3, 8)).astype(np.float32), rng.normal(size=(8, 5)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(dense("BTD,DF->BTF", x, w)), np.asarray(jnp.einsum("BTD,DF->BTF", x, w)))
+    with use_dense(dynamic_int8_einsum):
+        drq = np.asarray(dense("BTD,DF->BTF", x, w))
+    np.testing.assert_array_equal(drq, np.asarray(dynamic_int8_einsum("BTD,DF->BTF", x, w)))
+    np.testing.assert_array_equal(np.asarray(dense("BTD,DF->BTF", x, w)), np.asarray(jnp.einsum("BTD,DF->BTF", x, w)))  # reset
+
+
+def test_int8_dynamic_stores_int8_and_requantizes_exactly():
+    """int8-dynamic stores what int8 stores; re-quantizing the dequantized weight inside
+    dynamic_int8_einsum (absmax over the same contracted axes) gives back the stored int8."""
+    flat = _flat() | {"blocks/mlp/w_gate_DF": np.random.default_rng(2).normal(size=(2, 8, 12)).astype(np.float32)}
+    static, dynamic = quantize_params(flat, "int8", llama_rules()), quantize_params(flat, "int8-dynamic", llama_rules())
+    for path, rule in [(p, r) for p in flat for r in llama_rules() if __import__("re").fullmatch(r.pattern, p)]:
+        assert set(dynamic[path]) == {"q", "scale"}
+        np.testing.assert_array_equal(dynamic[path]["q"], static[path]["q"])
+        np.testing.assert_array_equal(dynamic[path]["scale"], static[path]["scale"])
+        w = dequantize(dynamic[path])
+        scale = _absmax_scale(w, rule.reduce_axes)
+        np.testing.assert_array_equal(np.asarray(_to_int8(w, scale, rule.reduce_axes)), dynamic[path]["q"], err_msg=path)
+        np.testing.assert_allclose(np.expand_dims(np.asarray(scale), rule.reduce_axes), dynamic[path]["scale"], rtol=1e-6)

@@ -14,6 +14,17 @@ Why not qwix here: qwix quantizes by intercepting the model's ops and stores `QA
 whose layout it calls an implementation detail; exported artifacts need a stable, flat,
 named list of arrays (a path manifest) that TF variables and a JAX-free loader can read. The
 rules below are the same idea (regex over module paths, absmax per channel) in ~100 lines.
+
+`int8-dynamic` (W8A8 dynamic-range): the stored weights are exactly `int8`'s (same variables,
+same bytes); the difference is the math. The exported function runs every weight matmul as
+`dynamic_int8_einsum` (via `jaxbig.models.llama.use_dense`): activations are quantized to int8
+per row at run time, the matmul accumulates int8 x int8 in int32, and the result is rescaled by
+the two scales. The weight it receives is the dequantized `q * scale`; re-quantizing that with
+the same per-output-channel absmax gives back exactly the stored `q` (the channel's largest |q|
+is 127, so the recomputed scale equals `scale` to within an ulp and every `q * scale / scale'`
+rounds back to `q`; tests/test_compress.py checks it), so the int8 matmul runs on the stored
+integers. XLA folds the dequantize/re-quantize pair into the weight path; the win on int8-capable
+hardware is the int8 x int8 -> int32 dot.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -31,7 +43,9 @@ _FORMATS = {
     "int8": (np.dtype(np.int8), 127.0),
     "fp8": (np.dtype(ml_dtypes.float8_e4m3fn), 448.0),
 }
-METHODS = ("none", "int8", "fp8")
+METHODS = ("none", "int8", "fp8", "int8-dynamic")
+_STORAGE = {"int8": "int8", "fp8": "fp8", "int8-dynamic": "int8"}  # method -> storage format
+DYNAMIC_METHODS = ("int8-dynamic",)  # methods whose exported matmuls also quantize activations
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,19 +72,19 @@ def check_method(method: str) -> None:
         raise ValueError(
             "--quantize int4 is refused: it does not round-trip through TensorFlow's XlaCallModule "
             "(TF holds int4 unpacked, one byte per value, while XLA reads the buffer as packed nibbles, "
-            "so [-8, -3, 0, 1] arrives as [-8, 0, -3, 0]); use --quantize int8 or fp8"
+            "so [-8, -3, 0, 1] arrives as [-8, 0, -3, 0]); use --quantize int8, fp8 or int8-dynamic"
         )
     if method not in METHODS:
         raise ValueError(f"--quantize {method!r} is not supported; use one of {', '.join(METHODS)}")
 
 
 def _quantize_one(w: np.ndarray, rule: QuantRule, method: str) -> dict[str, np.ndarray]:
-    dtype, qmax = _FORMATS[method]
+    dtype, qmax = _FORMATS[_STORAGE[method]]
     w = np.asarray(w, np.float32)
     absmax = np.max(np.abs(w), axis=rule.reduce_axes, keepdims=True)
     scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
     x = w / scale
-    q = np.clip(np.rint(x), -qmax, qmax).astype(dtype) if method == "int8" else x.astype(dtype)
+    q = np.clip(np.rint(x), -qmax, qmax).astype(dtype) if dtype == np.int8 else x.astype(dtype)
     return {"q": q, "scale": scale}
 
 
@@ -95,3 +109,35 @@ def dequantize(entry: dict[str, Any]) -> Any:
     if "w" in entry:
         return entry["w"]
     return entry["q"].astype(jnp.float32) * entry["scale"]
+
+
+def _absmax_scale(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """float32 absmax / 127 over `axes` (dropped); 1 where the slice is all zero."""
+    absmax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=axes)
+    return jnp.where(absmax > 0, absmax / 127.0, 1.0)
+
+
+def _to_int8(a: jax.Array, scale: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.clip(jnp.rint(a.astype(jnp.float32) / jnp.expand_dims(scale, axes)), -127, 127).astype(jnp.int8)
+
+
+def dynamic_int8_einsum(spec: str, x: jax.Array, w: jax.Array, *, preferred_element_type: Any = None) -> jax.Array:
+    """W8A8 dynamic-range `einsum(spec, x, w)`: int8 x int8 -> int32, rescaled to float32.
+
+    The contracted letters are those in both operands and not in the output. `x` is quantized
+    symmetrically per row (one absmax scale per index of its non-contracted letters: per token),
+    `w` per output channel (absmax over its contracted letters, as `llama_rules` stores it).
+    Each element is rounded by at most half its scale, so with n contracted terms
+    |y - y_float| <= (|x| . s_w + s_x . |w|) / 2 + n s_x s_w / 4 elementwise.
+    Returns `preferred_element_type`, or x's dtype when None (the contract of `llama.dense`).
+    """
+    ins, out = spec.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    contracted = [c for c in xs if c in ws and c not in out]
+    x_axes = tuple(xs.index(c) for c in contracted)
+    w_axes = tuple(ws.index(c) for c in contracted)
+    sx, sw = _absmax_scale(x, x_axes), _absmax_scale(w, w_axes)
+    acc = jnp.einsum(spec, _to_int8(x, sx, x_axes), _to_int8(w, sw, w_axes), preferred_element_type=jnp.int32)
+    xs_kept, ws_kept = "".join(c for c in xs if c not in contracted), "".join(c for c in ws if c not in contracted)
+    scale_out = jnp.einsum(f"{xs_kept},{ws_kept}->{out}", sx, sw)  # outer product (elementwise on shared batch letters)
+    return (acc.astype(jnp.float32) * scale_out).astype(preferred_element_type or x.dtype)

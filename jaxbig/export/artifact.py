@@ -3,7 +3,10 @@
 Params are *arguments* (a flat list of arrays named by a path manifest), never closure
 constants: the serialized module stays small, the same module serves float32 and quantized
 weights' shapes, and TF stores the leaves as variables. Quantized leaves are dequantized
-inside the function (`q.astype(f32) * scale`) right before the model's matmuls run.
+inside the function (`q.astype(f32) * scale`) right before the model's matmuls run. For
+`int8-dynamic` the function is traced under `use_dense(dynamic_int8_einsum)`: each weight matmul
+re-quantizes that weight (exactly back to its stored int8) and its activations per row, and
+multiplies int8 x int8 -> int32 (see `jaxbig.compress.quantize`).
 
 Artifact files (in the export's version directory):
   jax/forward.jax_exported   serialized `Exported`: (leaves, tokens_BT) -> logits_BTV
@@ -24,10 +27,10 @@ import numpy as np
 from flax import nnx
 from jax import export
 
-from jaxbig.compress.quantize import dequantize
+from jaxbig.compress.quantize import DYNAMIC_METHODS, dequantize, dynamic_int8_einsum
 from jaxbig.config import ModelConfig
 from jaxbig.models.decode import sample_logits
-from jaxbig.models.llama import init_cache
+from jaxbig.models.llama import init_cache, use_dense
 
 PLATFORMS = ("cpu", "cuda")
 Leaves = list[tuple[str, np.ndarray]]  # (name, array) in argument order
@@ -69,15 +72,21 @@ def _params_from_leaves(names: list[str], arrays) -> dict:
     return _unflatten({path: dequantize(e) for path, e in entries.items()})
 
 
-def make_forward(graphdef: nnx.GraphDef, names: list[str]):
+def dense_fn(quantize: str):
+    """The weight-matmul implementation the exported functions trace under (None: plain einsum)."""
+    return dynamic_int8_einsum if quantize in DYNAMIC_METHODS else None
+
+
+def make_forward(graphdef: nnx.GraphDef, names: list[str], quantize: str = "none"):
     def forward(leaves, tokens_BT):
         model = nnx.merge(graphdef, _params_from_leaves(names, leaves))
-        return model(tokens_BT)
+        with use_dense(dense_fn(quantize)):  # read while tracing, so it lands in the exported module
+            return model(tokens_BT)
 
     return forward
 
 
-def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str]):
+def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str], quantize: str = "none"):
     """KV-cache decoding with a *traced* token count: a cache of model.max_seq_len, a while loop.
 
     Returns [B, max_seq_len] int32 whose first `max_new_tokens` columns are the continuation
@@ -88,6 +97,10 @@ def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str]):
     S = cfg.max_seq_len
 
     def generate(leaves, prompt_BP, max_new_tokens, temperature, seed):
+        with use_dense(dense_fn(quantize)):  # the while loop's body is traced inside this block too
+            return _generate(leaves, prompt_BP, max_new_tokens, temperature, seed)
+
+    def _generate(leaves, prompt_BP, max_new_tokens, temperature, seed):
         model = nnx.merge(graphdef, _params_from_leaves(names, leaves))
         B, P = prompt_BP.shape
         key = jax.random.key(seed)
@@ -114,15 +127,15 @@ def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str]):
     return generate
 
 
-def export_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, leaves: Leaves) -> tuple[export.Exported, export.Exported]:
+def export_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, leaves: Leaves, quantize: str = "none") -> tuple[export.Exported, export.Exported]:
     """(forward, generate), each lowered for cpu and cuda with symbolic batch and length."""
     names = [n for n, _ in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for _, a in leaves]
     b, t = export.symbolic_shape("b, t")
-    forward = export.export(jax.jit(make_forward(graphdef, names)), platforms=PLATFORMS)(specs, jax.ShapeDtypeStruct((b, t), jnp.int32))
+    forward = export.export(jax.jit(make_forward(graphdef, names, quantize)), platforms=PLATFORMS)(specs, jax.ShapeDtypeStruct((b, t), jnp.int32))
     b, p = export.symbolic_shape("b, p", constraints=[f"p <= {cfg.max_seq_len}"])
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
-    generate = export.export(jax.jit(make_generate(graphdef, cfg, names)), platforms=PLATFORMS)(
+    generate = export.export(jax.jit(make_generate(graphdef, cfg, names, quantize)), platforms=PLATFORMS)(
         specs, jax.ShapeDtypeStruct((b, p), jnp.int32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32)
     )
     return forward, generate

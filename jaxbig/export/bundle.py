@@ -29,6 +29,18 @@ from jaxbig.export.targets import get_target
 from jaxbig.train.restore import load_params
 
 MANIFEST = "manifest.json"
+_WEIGHT_ONLY = "weight-only, per-output-channel absmax; dequantized (q.astype(f32) * scale) before each matmul"
+_SCHEMES = {
+    "none": "none",
+    "int8": _WEIGHT_ONLY,
+    "fp8": _WEIGHT_ONLY,
+    "int8-dynamic": (
+        "W8A8 dynamic-range: weights int8 per-output-channel absmax (stored as for int8); every weight matmul "
+        "quantizes its activations to int8 per row (absmax over the contracted axes) at run time and runs "
+        "int8 x int8 -> int32, rescaled by the activation and weight scales; the embedding lookup, attention "
+        "(q.k, probs.v) and norms stay float32"
+    ),
+}
 
 
 def _jax_stablehlo_version() -> str:
@@ -73,7 +85,7 @@ def export_run(
     flat = flatten_params(params)
     rules = llama_rules()
     leaves = to_leaves(quantize_params(flat, quantize, rules))
-    forward, generate = export_functions(graphdef, cfg.model, leaves)
+    forward, generate = export_functions(graphdef, cfg.model, leaves, quantize)
 
     from jaxbig.export import savedmodel  # TensorFlow is imported only when exporting
 
@@ -93,7 +105,7 @@ def export_run(
             "params": leaf_manifest(leaves),
             "quantization": {
                 "method": quantize,
-                "scheme": "weight-only, per-output-channel absmax; dequantized (q.astype(f32) * scale) before each matmul" if quantize != "none" else "none",
+                "scheme": _SCHEMES[quantize],
                 "rules": [{"pattern": r.pattern, "reduce_axes": list(r.reduce_axes)} for r in rules] if quantize != "none" else [],
             },
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "tensorflow": savedmodel.tf.__version__},

@@ -12,7 +12,10 @@ them to mesh axes. Layers are stacked on a leading `layers` axis and run by a la
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -26,6 +29,35 @@ from jaxbig.parallel.rules import constrain
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
 
 _ACT_BTD = ("activation_batch", "activation_norm_length", "activation_embed")  # the residual stream
+
+# Every *weight* matmul goes through `dense`, which calls the implementation this context holds
+# (read at trace time, like `constrain` reads its rules). None, the default, is the plain
+# `jnp.einsum(spec, x, w.astype(dt))` the model always ran: training and float export are
+# bit-identical to writing the einsum inline. The export sets e.g.
+# `jaxbig.compress.quantize.dynamic_int8_einsum` (W8A8 dynamic-range int8) while it traces.
+# An implementation receives the weight *before* the cast to `dt` (float32 when exported), so a
+# quantizing one sees exactly the dequantized int8 values, and returns `preferred_element_type`
+# (or x's dtype when that is None). Activation x activation einsums (q.k, probs.v) never use it.
+DenseFn = Callable[..., jax.Array]  # (spec, x, w, *, preferred_element_type) -> y
+_DENSE: contextvars.ContextVar[DenseFn | None] = contextvars.ContextVar("jaxbig_dense", default=None)
+
+
+@contextlib.contextmanager
+def use_dense(fn: DenseFn | None) -> Iterator[None]:
+    """Weight matmuls traced inside this block run `fn(spec, x, w, preferred_element_type=...)`."""
+    token = _DENSE.set(fn)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    """`einsum(spec, x, w)` for a weight `w`, computed in x's dtype (see `use_dense`)."""
+    fn = _DENSE.get()
+    if fn is None:
+        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
+    return fn(spec, x, w, preferred_element_type=preferred_element_type)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any, logical: tuple[str, ...]) -> nnx.Param:
@@ -67,9 +99,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
         dt = x_BTD.dtype
-        q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...].astype(dt))
-        k_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...].astype(dt))
-        v_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, self.wv_DNK[...].astype(dt))
+        q_BTHK = dense("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...])
+        k_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...])
+        v_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wv_DNK[...])
         q_BTHK = constrain(rope(q_BTHK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_heads", None))
         k_BTNK = constrain(rope(k_BTNK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_kv_heads", None))
 
@@ -93,7 +125,7 @@ class Attention(nnx.Module):
         probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
         out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
         out_BTHK = out_BTNGK.reshape(B, T, H, K)
-        y_BTD = jnp.einsum("BTHK,HKD->BTD", out_BTHK, self.wo_HKD[...].astype(dt))
+        y_BTD = dense("BTHK,HKD->BTD", out_BTHK, self.wo_HKD[...])
         return y_BTD, cache
 
 
@@ -107,11 +139,10 @@ class MLP(nnx.Module):
         self.w_down_FD = _param(rngs, (F, D), std, pd, ("mlp", "embed"))
 
     def __call__(self, x_BTD):
-        dt = x_BTD.dtype
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate_DF[...].astype(dt))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up_DF[...].astype(dt))
+        gate_BTF = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
+        up_BTF = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("activation_batch", "activation_length", "activation_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h_BTF, self.w_down_FD[...].astype(dt))
+        return dense("BTF,FD->BTD", h_BTF, self.w_down_FD[...])
 
 
 class Block(nnx.Module):
@@ -191,7 +222,7 @@ class Llama(nnx.Module):
 
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dt), preferred_element_type=jnp.float32)
+        logits_BTV = dense("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
         logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
 
