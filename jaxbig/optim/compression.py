@@ -20,13 +20,15 @@ checkpointed with the rest of the optimizer state.
 |----------|----------------------------------------------------------|-------------------------|
 | none     | all-reduce f32                                           | 1                       |
 | bf16     | all-to-all + all-gather of 16-bit words                  | ~1/2                    |
-| int8     | all-to-all + all-gather of int8 (mu-law), f32 scale/block | ~1/4                    |
+| int8     | all-to-all + all-gather of mu-law int8, f32 scale / block | ~1/4                   |
 | topk     | all-gather of k values (f32) and indices (int32)         | ~N·fraction             |
 | powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
 | sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
 
 The 16-bit words are bf16 values bit-cast to uint16: XLA's CPU backend computes bf16
 collectives in f32 (4 bytes on the wire), while all-to-all and all-gather only move bits.
+Under tensor parallelism (`shard_specs`), bf16, int8, topk and sign work on each device's own
+tensor shard (top-k: the largest entries of each shard).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class ErrorFeedbackState(NamedTuple):
 
 class PowerSGDState(NamedTuple):
     residual: Any  # as ErrorFeedbackState.residual
-    q: dict[str, jax.Array]  # per matrix group: the shared right factor [m, rank], warm-starting the next step
+    q: dict[str, jax.Array]  # per matrix group: the shared right factors [matrices, m, rank], warm-starting the next step
 
 
 class MatrixView(NamedTuple):

@@ -34,7 +34,16 @@ def replicate(tree, num_replicas: int):
 
 def local(per_replica: PerReplica):
     """Inside `shard_map` over data: this replica's `[1, ...]` slices -> plain `[...]` arrays."""
-    return jax.tree.map(lambda x: x[0], per_replica.value)
+
+    def one(x):
+        if x.shape[0] != 1:
+            raise ValueError(
+                f"per-replica optimizer state has {x.shape[0]} rows per data replica, not 1: it was built for a different "
+                "data-axis size (num_replicas must be the mesh's data size)"
+            )
+        return x[0]
+
+    return jax.tree.map(one, per_replica.value)
 
 
 def stacked(tree) -> PerReplica:

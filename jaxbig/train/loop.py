@@ -229,9 +229,18 @@ class _Throughput:
         return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
 
 
+def _host_mean(x: jax.Array) -> float:
+    """A metric on the host; per-replica metrics ([N], split over data) as their mean, gathered across processes."""
+    if not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return float(np.mean(multihost_utils.process_allgather(x)))
+    return float(np.mean(jax.device_get(x)))
+
+
 def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, manager) -> dict[str, float]:
     step, device_metrics, extras = pending
-    record = {k: float(np.mean(v)) for k, v in jax.device_get(device_metrics).items()}  # per-replica metrics: their mean
+    record = {k: _host_mean(v) for k, v in device_metrics.items()}
     if not np.isfinite(record["loss"]):
         raise FloatingPointError(
             f"loss is {record['loss']} at step {step}; stopping. The last checkpoint is at step {manager.latest_step()}; "
