@@ -132,12 +132,16 @@ class DataConfig:
     max_bytes: int = 0  # cap on the corpus size read (0 = no cap); files are taken in a fixed hashed order
     shuffle: bool = True  # shuffle training windows (seeded by train.seed)
     prefetch: int = 4  # batches prepared ahead of the step by grain's reader threads
+    prepared: str = ""  # a prepared data set (scripts/prepare_data.py --out DIR): packed rows with document segments
+    workers: int = 0  # prepared data: grain worker processes decoding and packing (0 = a reader thread)
 
     def __post_init__(self):
         _require(self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         _require(self.max_bytes >= 0, f"data.max_bytes={self.max_bytes} must be >= 0 (0 = no cap)")
         _require(self.prefetch >= 0, f"data.prefetch={self.prefetch} must be >= 0")
+        _require(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
+        _require(not (self.workers and not self.prepared), f"data.workers={self.workers} needs data.prepared (a prepared data set); raw text is read by one thread")
 
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor")
@@ -222,7 +226,8 @@ class TrainConfig:
     eval_every: int = 50  # validation cadence in steps (also after the last step)
     eval_batches: int = 4  # validation batches per evaluation
     checkpoint_every: int = 100  # checkpoint cadence in steps (also after the last step); 0 = only at the end
-    keep_checkpoints: int = 2  # most recent checkpoints kept
+    keep_checkpoints: int = 2  # most recent checkpoints kept (plus the one with the best eval loss)
+    skip_nonfinite: bool = False  # skip updates whose gradients are NaN/Inf (optax.apply_if_finite) instead of stopping
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):

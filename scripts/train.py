@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import jax  # noqa: E402  (importing creates no devices; emulate_cpu_devices below still takes effect)
 
 from jaxbig.cli import add_config_args, add_distributed_args, config_from_args, fail  # noqa: E402
+from jaxbig.checkpoint import CheckpointError  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
 from jaxbig.parallel import distributed  # noqa: E402
 from jaxbig.runtime import emulate_cpu_devices  # noqa: E402
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, mesh_spec=mesh_spec, fresh=args.fresh, progress=not args.no_progress and spec is None)
     except ConfigError as e:
         return distributed.leave(fail(e))
+    except (FloatingPointError, CheckpointError) as e:  # a diverged run or a failed save: the message says what survives
+        return distributed.leave(fail(e, code=1))
     except Exception as e:  # in a multi-process job: say which process failed, then stop the job at once
         if not distributed.is_multiprocess():
             raise

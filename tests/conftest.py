@@ -31,3 +31,34 @@ def text_dir(tmp_path_factory) -> Path:
     for f in files:
         (out / f.name).write_bytes(f.read_bytes())
     return out
+
+
+# A model small enough that a run of a few steps takes seconds (tests of the loop, not of the model).
+TINY = [
+    "model.d_model=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=16",
+    "model.d_ff=128",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "train.eval_batches=2",
+    "optim.warmup_steps=5",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, text_dir) -> Path:
+    """`text_dir` prepared as byte-level ArrayRecord shards (scripts/prepare_data.py's format)."""
+    from jaxbig.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "bytes"
+    prepare([str(text_dir)], out, val_fraction=0.2, shard_mb=0.2)
+    return out

@@ -10,7 +10,7 @@ the global batch at step s is the same, row for row, whatever the number of proc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 
 import grain
 import jax
@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxbig.config import ConfigError
 from jaxbig.parallel.rules import logical_to_spec
 
-Batch = dict[str, jax.Array]  # {"inputs": [B, T] int32, "targets": [B, T] int32}
+Batch = dict[str, jax.Array]  # {"inputs", "targets"[, "segment_ids", "positions"]}: [B, T] int32 each
 
 BATCH_AXES = ("activation_batch", "activation_length")
 
@@ -70,13 +70,42 @@ def process_rows(sharding: NamedSharding, batch_size: int, devices=None) -> np.n
     return np.asarray(sorted(rows), dtype=np.int64)
 
 
-def to_global(local_rows: np.ndarray, sharding: NamedSharding, batch_size: int) -> Batch:
-    """This process's rows [R, T+1] (ascending global row order) -> a global batch of inputs and targets [B, T]."""
-    shape = (batch_size, local_rows.shape[1] - 1)
+def to_global(local_rows: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> Batch:
+    """This process's rows ({name: [R, T]}, ascending global row order) -> a global batch ({name: [B, T]})."""
     return {
-        "inputs": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, :-1]), shape),
-        "targets": jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local_rows[:, 1:]), shape),
+        k: jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v), (batch_size, v.shape[1]))
+        for k, v in local_rows.items()
     }
+
+
+class BatchStream:
+    """Global batches from a grain iterator over this process's rows.
+
+    `iterator` is what a checkpoint saves (grain's state: its position). `resumes_from_checkpoint`
+    says whether a resumed run must restore that state (packed input) or can rebuild the stream
+    from the step alone (raw-text windows: batch = f(seed, step)). `waits` records how long each
+    batch kept the loop waiting for input.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, sharding: NamedSharding, batch_size: int, *, resumes_from_checkpoint: bool):
+        self.iterator, self.sharding, self.batch_size = iterator, sharding, batch_size
+        self.resumes_from_checkpoint = resumes_from_checkpoint
+        self.waits: list[float] = []
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        t = time.perf_counter()
+        rows = next(self.iterator)
+        self.waits.append(time.perf_counter() - t)
+        return to_global(rows, self.sharding, self.batch_size)
+
+    def close(self) -> None:
+        """Stops grain's prefetch threads or worker processes."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
 
 
 class _BatchRows:
@@ -88,9 +117,10 @@ class _BatchRows:
     def __len__(self) -> int:
         return len(self.windows) // self.batch_size
 
-    def __getitem__(self, step: int) -> np.ndarray:
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         base = int(step) * self.batch_size
-        return np.stack([self.windows[base + int(r)] for r in self.rows])
+        rows_RT1 = np.stack([self.windows[base + int(r)] for r in self.rows])
+        return {"inputs": rows_RT1[:, :-1], "targets": rows_RT1[:, 1:]}
 
 
 def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rows: np.ndarray, shuffle: bool = True) -> grain.MapDataset:
@@ -114,14 +144,13 @@ def train_batches(
     shuffle: bool = True,
     start_step: int = 0,
     prefetch: int = 4,
-) -> Iterator[Batch]:
-    """Global training batches from `start_step` on, prefetched by grain reader threads."""
+) -> BatchStream:
+    """Global training batches from `start_step` on, prefetched by a grain reader thread."""
     check_batch_divides(batch_size, mesh)
     sharding = batch_sharding(mesh, batch_size, seq_len)
     ds = train_dataset(tokens, seq_len, batch_size, seed, process_rows(sharding, batch_size), shuffle)[start_step:]
     options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
-    for rows in ds.to_iter_dataset(options):
-        yield to_global(rows, sharding, batch_size)
+    return BatchStream(iter(ds.to_iter_dataset(options)), sharding, batch_size, resumes_from_checkpoint=False)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, mesh: Mesh, num_batches: int) -> list[Batch]:

@@ -97,7 +97,7 @@ class Attention(nnx.Module):
         self.wo_HKD = _param(rngs, (H, K, D), std, pd, ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
         dt = x_BTD.dtype
         q_BTHK = dense("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...])
         k_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...])
@@ -121,6 +121,8 @@ class Attention(nnx.Module):
         q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
         logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
         causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
+        if segment_ids_BT is not None:  # packed rows: a token sees only its own document
+            causal_BTS = causal_BTS & (segment_ids_BT[:, None, :] == segment_ids_BT[:, :, None])
         logits_BNGTS = jnp.where(causal_BTS[:, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
         probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
         out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
@@ -152,8 +154,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache)
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache, segment_ids_BT)
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, _ACT_BTD), cache
@@ -187,9 +189,13 @@ class Llama(nnx.Module):
         positions_BT: jax.Array | None = None,
         cache: KVCache | None = None,
         *,
+        segment_ids_BT: jax.Array | None = None,
         run_layers: LayerRunner = scan_layers,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for every position; with `cache`, also the cache updated at `positions_BT`.
+
+        `segment_ids_BT` (packed rows) restricts attention to tokens of the same segment; give
+        `positions_BT` restarting at each segment with it.
 
         `run_layers` applies the stacked blocks (a plain scan, or a pipeline schedule that
         `jaxbig.parallel` builds for the mesh); decoding with a cache always scans.
@@ -207,10 +213,11 @@ class Llama(nnx.Module):
         if cache is None:
 
             @remat
-            def body(layer, x_BTD, positions_BT):
-                return nnx.merge(graphdef, layer)(x_BTD, positions_BT)[0]
+            def body(layer, x_BTD, side):
+                positions_BT, segment_ids_BT = side
+                return nnx.merge(graphdef, layer)(x_BTD, positions_BT, None, segment_ids_BT)[0]
 
-            x_BTD = run_layers(body, layers, x_BTD, positions_BT)
+            x_BTD = run_layers(body, layers, x_BTD, (positions_BT, segment_ids_BT))
         else:
 
             @remat

@@ -181,16 +181,37 @@ def optimizer_for(cfg: Config, mesh_shape: dict[str, int]) -> tuple[optax.Gradie
                 is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec),
             )
     num_replicas = mesh_shape.get("data", 1)
-    return build_optimizer(cfg.optim, cfg.train.steps, num_replicas=num_replicas, views=views, shard_specs=shard_specs)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, num_replicas=num_replicas, views=views, shard_specs=shard_specs)
+    if cfg.train.skip_nonfinite:
+        if uses_data_parallel_step(cfg.optim):
+            raise ConfigError(
+                "train.skip_nonfinite=true with optim.compression/optim.outer: each data replica would decide alone; "
+                "use it with the plain data-parallel step (compression none, outer none)"
+            )
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=MAX_CONSECUTIVE_SKIPS)
+    return tx, schedule
+
+
+MAX_CONSECUTIVE_SKIPS = 10  # train.skip_nonfinite: after this many non-finite steps in a row the run stops
+
+
+def nonfinite_metrics(opt_state) -> dict[str, jax.Array]:
+    """With `optax.apply_if_finite` in the chain: steps skipped so far and the current run of them; else {}."""
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)) if isinstance(s, optax.ApplyIfFiniteState)]
+    if not states:
+        return {}
+    return {"skipped_steps": states[0].total_notfinite, "nonfinite_streak": states[0].notfinite_count}
 
 
 __all__ = [
+    "MAX_CONSECUTIVE_SKIPS",
     "base_optimizer",
     "build_optimizer",
     "check_mesh",
     "decay_mask",
     "learning_rate_schedule",
     "matrix_views",
+    "nonfinite_metrics",
     "optimizer_for",
     "uses_data_parallel_step",
 ]

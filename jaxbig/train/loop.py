@@ -14,11 +14,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxbig import checkpoint
+from jaxbig.checkpoint import Checkpoints
 from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
+from jaxbig.data.packed import packed_batches, packed_eval_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
-from jaxbig.optim import optimizer_for, uses_data_parallel_step
+from jaxbig.data.prepare import PreparedData
+from jaxbig.optim import MAX_CONSECUTIVE_SKIPS, optimizer_for, uses_data_parallel_step
 from jaxbig.parallel.guards import check_layout, check_sequence_parallel
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
@@ -58,10 +60,13 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
                 + "); pass --fresh to start over there, or choose another --run_dir"
             )
     if is_main:  # written atomically: other processes may be reading it for the check above
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".yaml.tmp")
-        tmp.write_text(cfg.to_yaml())
-        tmp.replace(saved)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_suffix(".yaml.tmp")
+            tmp.write_text(cfg.to_yaml())
+            tmp.replace(saved)
+        except OSError as e:
+            raise ConfigError(f"run_dir {str(run_dir)!r} is not writable ({e.strerror or e}); choose a writable --run_dir") from None
 
 
 def train(
@@ -77,15 +82,20 @@ def train(
     run_dir = Path(cfg.train.run_dir)
 
     # --- mesh, data, model and optimizer --------------------------------------------------------
-    if cfg.model.vocab_size < ByteTokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} tokens; use >= 256")
+    prepared = PreparedData(cfg.data.prepared) if cfg.data.prepared else None
+    tokenizer = prepared.tokenizer if prepared else ByteTokenizer()
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's {tokenizer.vocab_size} tokens; "
+            f"use model.vocab_size >= {tokenizer.vocab_size}"
+        )
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
     check_batch_divides(cfg.train.batch_size, mesh)
     check_pipeline(cfg, dict(mesh.shape))
     check_sequence_parallel(cfg.data.seq_len, cfg.parallel.sequence_parallel, dict(mesh.shape))
     run_layers = layer_runner(mesh, cfg.parallel)
-    corpus = load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
+    corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
     tx, schedule = optimizer_for(cfg, dict(mesh.shape))
     B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -98,15 +108,22 @@ def train(
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
             step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps)
-        train_step = jit_train_step(step_fn, shardings, bsharding)
-        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding)
+        train_step = jit_train_step(step_fn, shardings, bsharding, packed=prepared is not None)
+        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None)
+        say = tqdm.write if progress else print
 
-        manager = checkpoint.checkpoint_manager(run_dir, cfg.train.keep_checkpoints)
-        start = 0
-        if manager.latest_step() is not None:
-            start = manager.latest_step()
-            state = checkpoint.restore(manager, start, abstract)
-        val = eval_batches(corpus.val_BYTES, T, B, mesh, cfg.train.eval_batches)
+        # Resume from the newest readable checkpoint: train state and, for packed input, the data position.
+        checkpoints = Checkpoints(run_dir, cfg.train.keep_checkpoints, is_main=is_main, say=say)
+        batches = None
+        if prepared:
+            batches = packed_batches(prepared, T, B, mesh, seed=cfg.train.seed, shuffle=cfg.data.shuffle, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+            val = packed_eval_batches(prepared, T, B, mesh, cfg.train.eval_batches)
+        else:
+            val = eval_batches(corpus.val_BYTES, T, B, mesh, cfg.train.eval_batches)
+        start, restored = checkpoints.restore_latest(abstract, batches.iterator if batches else None)
+        state = restored if restored is not None else state
+        if batches is None:  # raw-text windows: batch = f(seed, step), rebuilt from the step
+            batches = train_batches(corpus.train_BYTES, T, B, mesh, seed=cfg.train.seed, shuffle=cfg.data.shuffle, start_step=start, prefetch=cfg.data.prefetch)
         writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)
         flops_per_token = cfg.model.flops_per_token(T)
         tokens_per_step = B * T
@@ -123,12 +140,11 @@ def train(
                 + (f" x {v} repeats" if v > 1 else "")
                 + f", bubble {summary['bubble_fraction']:.1%} | "
             )
-        say = tqdm.write if progress else print
         if is_main:
             say(
                 f"jaxbig: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices"
                 f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''} | "
-                f"{pipeline_note}corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
+                f"{pipeline_note}{_data_note(corpus, prepared, cfg)} | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
         if start >= cfg.train.steps:
@@ -136,7 +152,8 @@ def train(
             if is_main:
                 say(f"run_dir {run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); nothing to do. "
                     "Use --steps N to train longer or --fresh to start over.")
-            manager.close()
+            checkpoints.close()
+            batches.close()
             writer.close()
             return summary
         if start and is_main:
@@ -148,7 +165,6 @@ def train(
             say(f"step {start:>6d} | eval_loss {summary['initial_eval_loss']:.4f}")
 
         # --- the loop --------------------------------------------------------------------------
-        batches = train_batches(corpus.train_BYTES, T, B, mesh, seed=cfg.train.seed, shuffle=cfg.data.shuffle, start_step=start, prefetch=cfg.data.prefetch)
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True, unit="step")
         clock = _Throughput(tokens_per_step, flops_per_token, peak)
         pending = None  # (step, device metrics, host extras) of a logged step, fetched one step late
@@ -161,29 +177,38 @@ def train(
                 summary["first_step_s"] = time.perf_counter() - t_start
                 clock.mark(step)
             if pending is not None:  # the previous logged step has finished by now (or soon)
-                last_record = _flush(pending, clock, writer, bar, say, is_main, manager)
+                last_record = _flush(pending, clock, writer, bar, say, is_main, checkpoints, cfg.train.skip_nonfinite)
                 pending = None
             last = step == end
-            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or last:
+            save = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or last
+            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or save:
                 extras = {}
-                if step % cfg.train.eval_every == 0 or last:
+                if step % cfg.train.eval_every == 0 or save:  # every checkpoint carries its eval loss (keep-best)
                     jax.block_until_ready(state)  # the step's own time counts; the eval's does not
                     with clock.paused():
                         extras["eval_loss"] = mean_loss(eval_step, state.params, val)
                 pending = (step, step_metrics, extras)
-            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or last:
-                jax.block_until_ready(state)
+            if save:  # only a state whose step was finite is written: the last checkpoint stays good
+                last_record = _flush(pending, clock, writer, bar, say, is_main, checkpoints, cfg.train.skip_nonfinite)
+                pending = None
                 with clock.paused():
-                    checkpoint.save(manager, step, state)
+                    checkpoints.save(step, state, batches.iterator, last_record["eval_loss"])
             bar.update(1)
         if pending is not None:
-            last_record = _flush(pending, clock, writer, bar, say, is_main, manager)
+            last_record = _flush(pending, clock, writer, bar, say, is_main, checkpoints, cfg.train.skip_nonfinite)
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        checkpoints.close()
+        batches.close()
         writer.close()
 
+    step_s = tokens_per_step / float(np.median(clock.rates)) if clock.rates else None
     summary.update(
+        data_wait_s=sum(batches.waits[1:]),  # the first batch (pipeline start-up) falls before throughput is timed
+        data_wait_fraction=sum(batches.waits[1:]) / clock.busy_s if clock.busy_s else None,
+        save_blocked_s=float(np.median(checkpoints.blocked_s)) if checkpoints.blocked_s else None,
+        save_blocked_fraction=float(np.median(checkpoints.blocked_s)) / step_s if checkpoints.blocked_s and step_s else None,
+        best_checkpoint_step=checkpoints.best_step(),
+        skipped_steps=last_record.get("skipped_steps"),
         final_loss=last_record.get("loss"),
         final_eval_loss=last_record.get("eval_loss"),
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
@@ -209,6 +234,7 @@ class _Throughput:
         self.rates: list[float] = []
         self._step = self._t = None
         self._excluded = 0.0
+        self.busy_s = 0.0  # time spent in measured steps (input waits included, evals and saves not)
 
     def mark(self, step: int) -> None:
         self._step, self._t, self._excluded = step, time.perf_counter(), 0.0
@@ -223,7 +249,9 @@ class _Throughput:
         """Rate over the steps since the last mark; call once `step` has finished."""
         if self._step is None or step <= self._step:
             return {}
-        rate = (step - self._step) * self.tokens_per_step / max(time.perf_counter() - self._t - self._excluded, 1e-9)
+        busy = max(time.perf_counter() - self._t - self._excluded, 1e-9)
+        self.busy_s += busy
+        rate = (step - self._step) * self.tokens_per_step / busy
         self.rates.append(rate)
         self.mark(step)
         return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
@@ -238,13 +266,20 @@ def _host_mean(x: jax.Array) -> float:
     return float(np.mean(jax.device_get(x)))
 
 
-def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, manager) -> dict[str, float]:
+def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, checkpoints: Checkpoints, skip_nonfinite: bool) -> dict[str, float]:
     step, device_metrics, extras = pending
     record = {k: _host_mean(v) for k, v in device_metrics.items()}
-    if not np.isfinite(record["loss"]):
+    finite = np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])
+    if not finite and not skip_nonfinite:
         raise FloatingPointError(
-            f"loss is {record['loss']} at step {step}; stopping. The last checkpoint is at step {manager.latest_step()}; "
-            "lower optim.learning_rate or raise optim.warmup_steps"
+            f"loss {record['loss']}, grad_norm {record['grad_norm']} at step {step}; stopping. The last checkpoint, step "
+            f"{checkpoints.latest_step()}, is good. Lower optim.learning_rate, raise optim.warmup_steps, or set "
+            "train.skip_nonfinite=true to skip such steps"
+        )
+    if skip_nonfinite and record.get("nonfinite_streak", 0) >= MAX_CONSECUTIVE_SKIPS:
+        raise FloatingPointError(
+            f"{int(record['nonfinite_streak'])} non-finite steps in a row up to step {step} (train.skip_nonfinite skipped them); "
+            f"stopping. The last checkpoint, step {checkpoints.latest_step()}, is good. Lower optim.learning_rate"
         )
     record.update(clock.measure(step))
     record.update(extras)
@@ -253,6 +288,16 @@ def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, manager
         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         say(metrics_lib.format_record(step, record))
     return record
+
+
+def _data_note(corpus, prepared: PreparedData | None, cfg: Config) -> str:
+    if prepared is None:
+        return f"corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source})"
+    splits = prepared.manifest["splits"]
+    return (
+        f"prepared {prepared.root} ({prepared.tokenizer.name}, {splits['train']['tokens'] / 1e6:.1f}M train / "
+        f"{splits['val']['tokens'] / 1e6:.1f}M val tokens, packed, {cfg.data.workers} workers)"
+    )
 
 
 __all__ = ["ByteTokenizer", "train"]

@@ -102,7 +102,7 @@ def _py(v):
 
 def format_record(step: int, record: dict[str, float]) -> str:
     parts = [f"step {step:>6d}"]
-    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".3f")):
+    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".3f"), ("skipped_steps", ".0f")):
         if key in record:
             parts.append(f"{key} {format(record[key], fmt)}")
     return " | ".join(parts)

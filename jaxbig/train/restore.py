@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jax
 import optax
-import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -41,7 +40,7 @@ def load_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None 
     # The optimizer state is read as the checkpoint stores it (replicated on `mesh`): its layout
     # depends on the run's optimizer and data-axis size (per-replica state), not on this mesh.
     _, _, abstract = abstract_train_state(cfg.model, optax.identity(), mesh, cfg.train.seed)
-    stored = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / "default").tree
+    stored = checkpoint.stored_tree(manager, step)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), stored["opt_state"])
     state = checkpoint.restore(manager, step, {"step": abstract.step, "params": abstract.params, "opt_state": opt_state})

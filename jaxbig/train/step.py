@@ -8,13 +8,18 @@ import optax
 from flax import nnx
 
 from jaxbig.data.pipeline import Batch
+from jaxbig.optim import nonfinite_metrics
 from jaxbig.parallel.pipeline import LayerRunner, scan_layers
 from jaxbig.train.state import Params, TrainState
+
+# Batch keys: raw-text windows, and packed rows (`jaxbig.data.packed`) with document segments.
+BATCH_KEYS = {False: ("inputs", "targets"), True: ("inputs", "targets", "segment_ids", "positions")}
 
 
 def loss_fn(params: Params, graphdef: nnx.GraphDef, batch: Batch, run_layers: LayerRunner = scan_layers) -> jax.Array:
     """Mean next-token cross-entropy in nats per token; `run_layers` from `jaxbig.parallel.pipeline.layer_runner`."""
-    logits_BTV = nnx.merge(graphdef, params)(batch["inputs"], run_layers=run_layers)
+    model = nnx.merge(graphdef, params)
+    logits_BTV = model(batch["inputs"], batch.get("positions"), segment_ids_BT=batch.get("segment_ids"), run_layers=run_layers)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
 
 
@@ -50,7 +55,7 @@ def make_train_step(
             loss, grads = accumulated_value_and_grad(lambda p, b: loss_fn(p, graphdef, b, run_layers), state.params, batch, accumulate_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **nonfinite_metrics(opt_state)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -63,14 +68,14 @@ def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings: TrainState, batch_sharding):
+def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, packed: bool = False):
     """Compiled once with explicit shardings; the incoming state's buffers are donated."""
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def jit_eval_step(eval_step, param_shardings: Params, batch_sharding):
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+def jit_eval_step(eval_step, param_shardings: Params, batch_sharding, packed: bool = False):
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
 
 
