@@ -11,6 +11,13 @@ Gradient compression and DiLoCo on 8 (emulated) data replicas (see benchmarks/co
 bytes over the data axis per step for every method, and the validation loss after `--steps`
 steps on the real corpus for `--methods`; writes the `bench:compression` section and
 docs/compression_loss.png.
+
+    python scripts/bench.py --data [--config small] [--steps 40]
+
+The input pipeline and checkpoints (see benchmarks/data_ckpt.py): packed-pipeline tokens/s
+with 0 and 2 workers against what training consumes, step time waiting on data, loop time
+blocked per async save, and save/restore throughput against a plain copy; writes the
+`bench:data` section.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 # The foundation benchmark measures one device, the process's first; the compression benchmark
-# needs data replicas, so only it emulates 8 CPU devices (before jax is imported).
-if "--compression" in sys.argv[1:]:
+# and data benchmarks need 8 (emulated) devices, so only they emulate them (before jax is imported).
+if "--compression" in sys.argv[1:] or "--data" in sys.argv[1:]:
     from jaxbig.runtime import emulate_cpu_devices
 
     emulate_cpu_devices(8)
@@ -45,9 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
+    parser.add_argument("--data", action="store_true", help="the input-pipeline and checkpoint benchmark instead")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression: config override for every method")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression/--data: config override for every run")
     args = parser.parse_args(argv)
+    if args.data:
+        from benchmarks import data_ckpt
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return data_ckpt.main(args, command)
     if args.compression:
         from benchmarks import compression
 

@@ -101,15 +101,20 @@ def packed_batches(
     sharding = batch_sharding(mesh, batch_size, seq_len)
     share, shares, rows = process_share(sharding, batch_size)
     ds = packed_dataset(data, "train", seq_len, len(rows), seed=seed, shuffle=shuffle, share=share, shares=shares)
+    return BatchStream(iter(prefetched(ds, workers, prefetch)), sharding, batch_size, resumes_from_checkpoint=True)
+
+
+def prefetched(ds: grain.IterDataset, workers: int, prefetch: int) -> grain.IterDataset:
+    """`ds` run ahead of the loop: in `workers` processes, or in a reader thread when 0."""
     if workers:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; scripts here use argparse
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
-    elif prefetch:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return BatchStream(iter(ds), sharding, batch_size, resumes_from_checkpoint=True)
+        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+    if prefetch:
+        return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
 
 
 def packed_eval_batches(data: PreparedData, seq_len: int, batch_size: int, mesh: Mesh, num_batches: int) -> list:
