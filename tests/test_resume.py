@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-STEPS = 16
+STEPS = 12
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,7 @@ class Checkpoints:
         A checkpoint that fails verification or restore is reported, moved aside, and the
         previous one tried.
         """
+        moved = 0
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.directory / str(step)
             problem = verify(step_dir)
@@ -230,10 +231,11 @@ class Checkpoints:
                         ) from e
                     problem = f"restore failed: {type(e).__name__}: {str(e)[:300]}"
             self._quarantine(step, problem)
-        if any((self.run_dir / "corrupted_checkpoints").glob("*")):
+            moved += 1
+        if moved:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}; the damaged ones are in {self.run_dir / 'corrupted_checkpoints'}. "
-                "Re-run with --fresh to start over"
+                "Re-running the same command starts over from step 0"
             )
         return 0, None
 

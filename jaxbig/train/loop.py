@@ -269,10 +269,10 @@ def _host_mean(x: jax.Array) -> float:
 def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, checkpoints: Checkpoints, skip_nonfinite: bool) -> dict[str, float]:
     step, device_metrics, extras = pending
     record = {k: _host_mean(v) for k, v in device_metrics.items()}
-    finite = np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])
-    if not finite and not skip_nonfinite:
+    watched = {k: record[k] for k in ("loss", "grad_norm", "replica_grad_norm") if k in record}
+    if not all(np.isfinite(v) for v in watched.values()) and not skip_nonfinite:
         raise FloatingPointError(
-            f"loss {record['loss']}, grad_norm {record['grad_norm']} at step {step}; stopping. The last checkpoint, step "
+            f"{', '.join(f'{k} {v}' for k, v in watched.items())} at step {step}; stopping. The last checkpoint, step "
             f"{checkpoints.latest_step()}, is good. Lower optim.learning_rate, raise optim.warmup_steps, or set "
             "train.skip_nonfinite=true to skip such steps"
         )
