@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import threading
 
 from jaxbig.config import ConfigError
@@ -119,3 +120,15 @@ class EmbeddedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_forever(config: ServerConfig) -> int:
+    """Starts the server, prints its addresses, and serves until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedServer(config) as server:
+        print(f"serving {config.model_name} (embedded) versions {server.manager.available_versions()}", flush=True)
+        print(f"REST {server.rest_url}\ngRPC {server.grpc_target}", flush=True)
+        stop.wait()
+    return 0
