@@ -217,7 +217,7 @@ def _prepare(work: Path, steps: int) -> tuple[Path, Path]:
     for f in sorted(stdlib_root().glob("*.py"))[:40]:
         (corpus / f.name).write_bytes(f.read_bytes())
     run = work / "run"
-    overrides = [f"train.steps={steps}", f"train.run_dir={run}", f"data.paths={corpus}", "train.log_every=1000", "train.eval_every=1000", "mesh.data=-1"]
+    overrides = [f"train.steps={steps}", "optim.warmup_steps=1", f"train.run_dir={run}", f"data.paths={corpus}", "train.log_every=1000", "train.eval_every=1000", "mesh.data=-1"]
     train(load_config(ROOT / "configs" / "tiny.yaml", overrides), progress=False)
     staging = work / "staging"
     export_run(run, staging, 1, quantize="none")

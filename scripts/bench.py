@@ -11,6 +11,12 @@ Gradient compression and DiLoCo on 8 (emulated) data replicas (see benchmarks/co
 bytes over the data axis per step for every method, and the validation loss after `--steps`
 steps on the real corpus for `--methods`; writes the `bench:compression` section and
 docs/compression_loss.png.
+
+    python scripts/bench.py --serving [--seconds 30] [--clients 8]
+
+The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
+and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
+overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 """
 
 from __future__ import annotations
@@ -47,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression: config override for every method")
+    parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
+    parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
+    parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
     args = parser.parse_args(argv)
+    if args.serving:
+        from benchmarks import serving
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return serving.main(args, command)
     if args.compression:
         from benchmarks import compression
 

@@ -77,7 +77,7 @@ def server(request, exported, tmp_path_factory):
     base = tmp_path_factory.mktemp("base") / "tiny"
     shutil.copytree(staging, base)
     with ServerProcess(base, "tiny", "--num_versions", "0", "--version_label", "stable=1", "--max_request_bytes", str(MAX_REQUEST_BYTES), server=request.param) as s:
-        s.kind = request.param
+        s.kind, s.base = request.param, base
         yield s
 
 
@@ -178,6 +178,27 @@ def test_generate_equals_jax_greedy_over_rest_and_grpc(server, stubs, exported):
     inputs = {"prompt": PROMPT, "max_new_tokens": np.int32(10), "temperature": np.float32(0), "seed": np.int32(0)}
     response = prediction.Predict(_predict_request(inputs, signature="generate", version=1), timeout=120)
     np.testing.assert_array_equal(tf.make_ndarray(response.outputs["tokens"]), want)
+
+
+def test_generate_script_against_the_server(server, exported, repo):
+    """scripts/generate.py --server: tokenizer from the manifest, `generate` on the server, text out (REST and gRPC)."""
+    import subprocess
+    import sys
+
+    from jaxbig.data.tokenizer import ByteTokenizer
+
+    _, staging, _, _ = exported
+    prompt = "def f"
+    _, generate, leaves = load_exported(staging / "2")  # the server's latest version: int8
+    ids = np.asarray(generate.call(leaves, ByteTokenizer().encode(prompt)[None], np.int32(12), np.float32(0), np.int32(0)))[0, :12]
+    want = prompt + ByteTokenizer().decode(ids[: np.flatnonzero(ids == 0)[0]] if (ids == 0).any() else ids)
+    for address, extra in ((server.rest.removeprefix("http://"), []), (server.grpc, ["--grpc"])):
+        proc = subprocess.run(
+            [sys.executable, "scripts/generate.py", "--server", address, *extra, "--model_name", "tiny", "--model_base_path", str(server.base), "--prompt", prompt, "--max_new_tokens", "12"],
+            cwd=repo, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout == want + "\n", (proc.stdout, want)
 
 
 # ---- bad input: TF Serving's error shape, and the server keeps answering -----------------------

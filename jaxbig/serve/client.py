@@ -57,6 +57,9 @@ class RestClient:
     def status(self, *, version: int | None = None, label: str | None = None) -> list[dict]:
         return self._json("GET", _path(self.model, version, label))["model_version_status"]
 
+    def available_versions(self) -> list[int]:
+        return sorted(int(s["version"]) for s in self.status() if s["state"] == "AVAILABLE")
+
     def metadata(self, *, version: int | None = None, label: str | None = None) -> dict:
         return self._json("GET", _path(self.model, version, label) + "/metadata")
 
@@ -124,6 +127,12 @@ class GrpcClient:
         self._spec(request.model_spec, version=version, label=label)
         return self._call(self.models.GetModelStatus, request).model_version_status
 
+    def available_versions(self) -> list[int]:
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        available = get_model_status_pb2.ModelVersionStatus.State.Value("AVAILABLE")
+        return sorted(s.version for s in self.status() if s.state == available)
+
     def metadata(self, *, version: int | None = None):
         from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -159,3 +168,22 @@ def generate_text(client: RestClient | GrpcClient, prompt: str, *, tokenizer, ma
     ids = client.predict(inputs, signature="generate", version=version)["tokens"][0]
     eos = np.flatnonzero(ids == getattr(tokenizer, "eos_id", -1))
     return tokenizer.decode(ids[: eos[0]] if len(eos) else ids)
+
+
+def served_text(server: str, model: str, prompt: str, *, grpc: bool = False, model_base_path: str | Path | None = None, **kwargs) -> str:
+    """`generate_text` against a server, with the tokenizer from the export of the version it serves as latest."""
+    client = GrpcClient(server, model) if grpc else RestClient(server, model)
+    try:
+        available = client.available_versions()
+    except ServingError as e:
+        raise ConfigError(f"{server} did not answer for model {model!r}: {e.code.name}: {e.message}") from None
+    except Exception as e:  # noqa: BLE001 - connection refused and friends, as one clear line
+        raise ConfigError(f"cannot reach {server}: {type(e).__name__}; is scripts/serve.py running there?") from None
+    if not available:
+        raise ConfigError(f"model {model!r} on {server} has no AVAILABLE version yet")
+    version = max(available)
+    tokenizer = load_tokenizer(Path(model_base_path or Path("exports") / model) / str(version) / "manifest.json")
+    try:
+        return generate_text(client, prompt, tokenizer=tokenizer, version=version, **kwargs)
+    except ServingError as e:
+        raise ConfigError(f"the server refused the request: {e.code.name}: {e.message}") from None
