@@ -230,6 +230,7 @@ def main(args, command: str) -> int:
 
     from jaxbig.serve.client import GrpcClient, RestClient
 
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     _, staging = _prepare(work, steps=args.steps or 5)
     tokens = np.random.default_rng(0).integers(1, 256, (1, 32)).astype(np.int32)
@@ -258,7 +259,7 @@ def main(args, command: str) -> int:
         if result.errors:
             print("\n".join(result.errors[:20]), file=sys.stderr)
         rows.append((mode, result, status, _mean_batch(metrics)))
-    text = _report(rows, direct_lat, sequential, args, command)
+    text = _report(rows, direct_lat, sequential, args, command, load=(load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
         from benchmarks.harness import write_section
@@ -278,12 +279,12 @@ def _mean_batch(metrics: str) -> float:
     return value("jaxbig_serving_batch_requests_sum") / count if count else 1.0
 
 
-def _report(rows, direct_lat, sequential, args, command: str) -> str:
+def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float, float]) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} CPU cores (shared), TF {__import__('tensorflow').__version__}; "
         f"model: configs/tiny.yaml shapes (d_model 128, 4 layers), float32, one request = tokens [1, 32] -> logits [1, 32, 256]. "
-        f"Command: `{command}`.",
+        f"Command: `{command}`. 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other jobs share the cores).",
         "",
         "| run | requests | errors | throughput (req/s) | p50 ms (REST / gRPC) | p99 ms (REST / gRPC) | mean requests per model call | version 2 first answered at |",
         "|---|---|---|---|---|---|---|---|",

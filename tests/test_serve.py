@@ -348,3 +348,13 @@ def test_load_while_a_new_version_is_exported(exported, tmp_path, kind):
     assert result.versions[1] > 0 and result.versions[2] > 0, result.versions  # both versions answered
     assert result.requests >= 8 * 3, result.requests
     assert [(st["version"], st["state"]) for st in status] == [("2", "AVAILABLE"), ("1", "END")]
+
+
+def test_batches_pad_to_allowed_sizes():
+    from jaxbig.config import ConfigError
+    from jaxbig.serve.batching import BatchingParameters, padded_size
+
+    assert [padded_size(r, BatchingParameters(max_batch_size=8)) for r in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 9]
+    assert [padded_size(r, BatchingParameters(max_batch_size=6, allowed_batch_sizes=(3, 6))) for r in (1, 3, 4)] == [3, 3, 6]
+    with pytest.raises(ConfigError, match=r"allowed_batch_sizes=\[2, 4\] must increase strictly and end at max_batch_size=8"):
+        BatchingParameters(allowed_batch_sizes=(2, 4))

@@ -33,13 +33,25 @@ class BatchingParameters:
     batch_timeout_micros: int = 2000  # how long the first request of a batch waits for company
     max_enqueued_batches: int = 64  # queue bound, in batches; a request beyond it fails with UNAVAILABLE
     num_batch_threads: int = 2  # merged calls that may run at once
+    allowed_batch_sizes: tuple[int, ...] = ()  # padded sizes, increasing, ending at max_batch_size; () = powers of 2 and max_batch_size
 
     def __post_init__(self):
+        sizes = self.allowed_batch_sizes
+        if sizes and (list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.max_batch_size):
+            raise ConfigError(f"allowed_batch_sizes={list(sizes)} must increase strictly and end at max_batch_size={self.max_batch_size}")
         for field in dataclasses.fields(self):
+            if field.name == "allowed_batch_sizes":
+                continue
             value = getattr(self, field.name)
             minimum = 0 if field.name == "batch_timeout_micros" else 1
             if not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"batching {field.name}={value!r} must be an integer >= {minimum}")
+
+
+def padded_size(rows: int, params: BatchingParameters) -> int:
+    """The smallest allowed batch size holding `rows` (rows itself when it exceeds them all)."""
+    sizes = params.allowed_batch_sizes or tuple(sorted({2**i for i in range(params.max_batch_size.bit_length()) if 2**i < params.max_batch_size} | {params.max_batch_size}))
+    return next((s for s in sizes if s >= rows), rows)
 
 
 def batch_key(inputs: dict[str, np.ndarray]) -> tuple | None:
@@ -115,19 +127,19 @@ class Batcher:
     def _worker(self) -> None:
         while (batch := self._take_batch()) is not None:
             try:
-                if len(batch) == 1:
-                    outputs = [batch[0].run(batch[0].inputs)]
-                else:
-                    merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
-                    combined = batch[0].run(merged)
-                    total = sum(t.rows for t in batch)
-                    bad = [k for k, v in combined.items() if v.ndim == 0 or v.shape[0] != total]
-                    if bad:
-                        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f"Batched output tensor(s) {bad} do not have the batch's {total} rows in dim 0")
-                    splits = np.cumsum([t.rows for t in batch])[:-1]
-                    parts = {k: np.split(v, splits) for k, v in combined.items()}
-                    outputs = [{k: parts[k][i] for k in parts} for i in range(len(batch))]
-                self._on_batch(sum(t.rows for t in batch), len(batch))
+                # one task or many: the same padding, so a lone 3-row request also runs as 4 rows
+                total = sum(t.rows for t in batch)
+                pad = padded_size(total, self.params) - total
+                merged = {k: np.concatenate([t.inputs[k] for t in batch] + [batch[-1].inputs[k][-1:]] * pad) for k in batch[0].inputs}
+                combined = batch[0].run(merged)
+                bad = [k for k, v in combined.items() if v.ndim == 0 or v.shape[0] != total + pad]
+                if bad:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f"Batched output tensor(s) {bad} do not have the batch's {total + pad} rows in dim 0")
+                combined = {k: v[:total] for k, v in combined.items()}
+                splits = np.cumsum([t.rows for t in batch])[:-1]
+                parts = {k: np.split(v, splits) for k, v in combined.items()}
+                outputs = [{k: parts[k][i] for k in parts} for i in range(len(batch))]
+                self._on_batch(total + pad, len(batch))
                 for t, out in zip(batch, outputs, strict=True):
                     t.outputs = out
             except BaseException as e:  # noqa: BLE001 - handed to every request of the batch

@@ -27,7 +27,7 @@ class Metrics:
             ["model", "api", "protocol"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_rows = prom.Histogram(
-            "jaxbig_serving_batch_size", "Rows per model call when batching is on (a merged batch, or one request).",
+            "jaxbig_serving_batch_size", "Rows per model call when batching is on, padding included.",
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
         self.batch_requests = prom.Histogram(
