@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import grpc
 import numpy as np
 
 from jaxbig.serve.errors import ServingError, invalid_argument
@@ -55,7 +56,7 @@ def _check_value(value: Any, dtype: str) -> Any:
         if not isinstance(value, bool):
             raise _type_error(value, dtype)
     else:
-        raise ServingError(__import__("grpc").StatusCode.UNIMPLEMENTED, f"Conversion of JSON Value: {_debug(value)} to type: {dtype}")
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Conversion of JSON Value: {_debug(value)} to type: {dtype}")
     return value
 
 

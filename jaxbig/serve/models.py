@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxbig.config import ConfigError
-from jaxbig.serve.errors import ServingError, invalid_argument, not_found
+from jaxbig.serve.errors import invalid_argument, not_found
 
 log = logging.getLogger(__name__)
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -240,5 +240,3 @@ def numpy_dtype(enum: int) -> Any:
 
     return tf.dtypes.as_dtype(enum).as_numpy_dtype
 
-
-__all__ = ["ModelManager", "ModelSpec", "Servable", "ServingError", "VersionState"]
