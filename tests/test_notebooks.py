@@ -169,7 +169,7 @@ def test_serving_notebook_runs_top_to_bottom(tmp_path):
     assert re.search(r"REST http://127\.0\.0\.1:\d+ +gRPC 127\.0\.0\.1:\d+", served), served
     assert '"version": "2"' in served and '"version": "1"' in served and served.count('"AVAILABLE"') == 2, served
     query = _stdout(cells["query"])
-    assert "REST (columnar and row) and gRPC agree exactly for both versions; logits (1, 26, 256)" in query, query
+    assert "REST (columnar and row) and gRPC agree exactly for both versions; logits (1, 28, 256)" in query, query
     assert query.count("greedy:") == 2, query
     compare = _stdout(cells["compare"])
     for name in ("float32", "int8"):
