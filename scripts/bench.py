@@ -18,6 +18,12 @@ The input pipeline and checkpoints (see benchmarks/data_ckpt.py): packed-pipelin
 with 0 and 2 workers against what training consumes, step time waiting on data, loop time
 blocked per async save, and save/restore throughput against a plain copy; writes the
 `bench:data` section.
+
+    python scripts/bench.py --serving [--seconds 30] [--clients 8]
+
+The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
+and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
+overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 """
 
 from __future__ import annotations
@@ -55,12 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="store_true", help="the input-pipeline and checkpoint benchmark instead")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression/--data: config override for every run")
+    parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
+    parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
+    parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
     args = parser.parse_args(argv)
     if args.data:
         from benchmarks import data_ckpt
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return data_ckpt.main(args, command)
+    if args.serving:
+        from benchmarks import serving
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return serving.main(args, command)
     if args.compression:
         from benchmarks import compression
 

@@ -20,6 +20,7 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "colab" / "01_quickstart.ipynb"
 PARALLELISM = ROOT / "colab" / "02_parallelism.ipynb"
+SERVING = ROOT / "colab" / "03_export_and_serve.ipynb"
 KERNEL = "jaxbig-test"
 
 
@@ -147,3 +148,33 @@ def test_parallelism_notebook_runs_top_to_bottom(tmp_path):
         assert (gather > 0) == (layout == "fsdp=8"), (layout, rows[layout])  # weights gathered only under FSDP
         assert (permute > 0) == ("pipeline" in layout), (layout, rows[layout])  # stage to stage only with a pipeline
     assert _has_png(cells["collectives-plot"]), "the collectives cell drew no bar chart"
+
+
+def test_serving_notebook_runs_top_to_bottom(tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorflow_serving")
+    nb = nbformat.read(SERVING, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs cleared"
+    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(ROOT)}})
+    env = _kernel_env(JAXBIG_NB_STEPS="20", JAXBIG_NB_WORK_DIR=str(tmp_path / "work"), JAXBIG_NB_REPEATS="5", TF_CPP_MIN_LOG_LEVEL="2")
+    client.execute(env=env, cleanup_kc=True)  # raises on the first failing cell
+    cells = {c.get("id"): c for c in nb.cells}
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+    assert "trained 20 steps on 8 cpu devices" in _stdout(cells["train"])
+    ratio = float(re.search(r"int8 / float32 = ([\d.]+)", _stdout(cells["export"])).group(1))
+    assert ratio < 0.35, _stdout(cells["export"])  # int8 weights: about 0.29x
+    assert sorted(p.name for p in (tmp_path / "work" / "exports" / "tiny").iterdir()) == ["1", "2"]
+    served = _stdout(cells["serve"])
+    assert re.search(r"REST http://127\.0\.0\.1:\d+ +gRPC 127\.0\.0\.1:\d+", served), served
+    assert '"version": "2"' in served and '"version": "1"' in served and served.count('"AVAILABLE"') == 2, served
+    query = _stdout(cells["query"])
+    assert "REST (columnar and row) and gRPC agree exactly for both versions; logits (1, 28, 256)" in query, query
+    assert query.count("greedy:") == 2, query
+    compare = _stdout(cells["compare"])
+    for name in ("float32", "int8"):
+        assert re.search(rf"{name} +size [\d.]+ MB  in-process [\d.]+ ms  gRPC [\d.]+ ms  REST [\d.]+ ms", compare), compare
+    err, agree = re.search(r"max \|diff\| = ([\d.]+)% of max \|logit\|; argmax agrees at (\d+)%", compare).groups()
+    assert float(err) < 5 and int(agree) >= 80, compare
+    assert _has_png(cells["compare"]), "the compare cell drew no figure"
+    assert "stopped" in _stdout(cells["stop"])

@@ -1,0 +1,117 @@
+"""What both front ends (REST and gRPC) call: predict, model status and metadata, as TF Serving's protos.
+
+Predict checks a request against the signature as TF Serving does before running it
+(predict_util.cc: the set of inputs; then dtype and rank, which TF's session checks there),
+and, beyond TF Serving, refuses empty batches up front instead of running the model on them.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from jaxbig.serve.batching import Batcher, BatchingParameters, batch_key
+from jaxbig.serve.errors import ServingError, from_tf_error, invalid_argument
+from jaxbig.serve.models import ModelManager, ModelSpec, Servable, numpy_dtype, tf_dtype_name
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+def input_dtypes(servable: Servable, signature: str) -> dict[str, str]:
+    """The signature's inputs and their dtype names (HttpRestApiHandler::GetInfoMap), sorted by name."""
+    name = signature or DEFAULT_SIGNATURE
+    if name not in servable.signature_defs:
+        raise invalid_argument(f'Serving signature name: "{name}" not found in signature def')
+    inputs = servable.signature_defs[name].inputs
+    return {k: tf_dtype_name(inputs[k].dtype) for k in sorted(inputs)}
+
+
+class ServingCore:
+    def __init__(self, manager: ModelManager, batching: BatchingParameters | None, on_batch=lambda rows, requests: None):
+        self.manager = manager
+        self.batcher = Batcher(batching, on_batch) if batching is not None else None
+
+    def check_inputs(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray]) -> None:
+        sig = servable.signature_defs[signature]
+        wanted, sent = set(sig.inputs), set(inputs)
+        if wanted != sent:
+            raise invalid_argument(
+                f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sorted(sent))}}}) != "
+                f"len({{{','.join(sorted(wanted))}}}). Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
+                f"Missing but required: {{{','.join(sorted(wanted - sent))}}}."
+            )
+        for name in sorted(wanted):
+            info, arr = sig.inputs[name], inputs[name]
+            dtype = np.dtype(numpy_dtype(info.dtype))
+            if arr.dtype != dtype:
+                raise invalid_argument(f"Expects arg '{name}' of signature '{signature}' to be {tf_dtype_name(info.dtype)} but {arr.dtype.name} is provided")
+            if info.tensor_shape.unknown_rank:
+                continue
+            dims = [d.size for d in info.tensor_shape.dim]
+            if arr.ndim != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, arr.shape)):
+                raise invalid_argument(f"input '{name}' of signature '{signature}' has shape {list(arr.shape)}; the signature expects {dims} (-1: any size)")
+            if arr.ndim and arr.shape[0] == 0:
+                raise invalid_argument(f"input '{name}' of signature '{signature}' has a batch of 0 rows (shape {list(arr.shape)}); send at least one")
+            if arr.size == 0:
+                raise invalid_argument(f"input '{name}' of signature '{signature}' is empty (shape {list(arr.shape)}); every dimension needs at least one element")
+
+    def run(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
+        """Validated inputs -> outputs of one version's signature, batched with other requests when enabled."""
+        signature = signature or DEFAULT_SIGNATURE
+        if signature not in servable.functions:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
+        self.check_inputs(servable, signature, inputs)
+        outputs_known = servable.signature_defs[signature].outputs
+        for alias in output_filter:
+            if alias not in outputs_known:
+                raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set {{{','.join(sorted(outputs_known))}}}.")
+
+        def call(batch_inputs):
+            try:
+                return servable.run(signature, batch_inputs)
+            except Exception as e:  # noqa: BLE001 - tf.errors.* carry the status code the client must see
+                raise from_tf_error(e) from None
+
+        key = batch_key(inputs) if self.batcher is not None else None
+        outputs = call(inputs) if key is None else self.batcher.submit((id(servable), signature, key), inputs, call)
+        return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
+
+    def predict(self, spec: ModelSpec, signature: str, inputs: dict[str, np.ndarray], output_filter=()) -> tuple[int, dict[str, np.ndarray]]:
+        with self.manager.acquire(spec) as servable:
+            return servable.version, self.run(servable, signature, inputs, output_filter)
+
+    def status_proto(self, spec: ModelSpec):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version, state in self.manager.status(spec):
+            status = response.model_version_status.add(version=version, state=get_model_status_pb2.ModelVersionStatus.State.Value(state.state))
+            status.status.error_code = _error_code(state.error_code)
+            status.status.error_message = state.error_message
+        return response
+
+    def metadata_proto(self, spec: ModelSpec, fields=("signature_def",)):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        for field in fields:
+            if field != "signature_def":
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        with self.manager.acquire(spec) as servable:
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = spec.name
+            response.model_spec.version.value = servable.version
+            sigs = get_model_metadata_pb2.SignatureDefMap()
+            for name, sig in servable.signature_defs.items():
+                sigs.signature_def[name].CopyFrom(sig)
+            response.metadata["signature_def"].Pack(sigs)
+            return response
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+
+def _error_code(name: str) -> int:
+    from tensorflow.core.protobuf import error_codes_pb2
+
+    return error_codes_pb2.Code.Value(name)
