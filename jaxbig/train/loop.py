@@ -15,6 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxbig import checkpoint
+from jaxbig.compress.distill import describe, load_teacher, make_distill_loss
+from jaxbig.compress.prune import sparsity_of, sparsity_table
 from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
@@ -94,11 +96,13 @@ def train(
 
     with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
         graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None  # frozen, outside the train state
+        distill_loss = make_distill_loss(graphdef, teacher.graphdef, cfg.distill, run_layers) if teacher else None
         if uses_data_parallel_step(cfg.optim):  # compression or DiLoCo: local gradients under shard_map
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
-            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps)
-        train_step = jit_train_step(step_fn, shardings, bsharding)
+            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
+        train_step = jit_train_step(step_fn, shardings, bsharding, teacher)
         eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding)
 
         manager = checkpoint.checkpoint_manager(run_dir, cfg.train.keep_checkpoints)
@@ -131,6 +135,8 @@ def train(
                 f"{pipeline_note}corpus {len(corpus.train_BYTES) / 1e6:.1f}M train / {len(corpus.val_BYTES) / 1e6:.1f}M val bytes ({corpus.source}) | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
+            if teacher is not None:
+                say(f"distilling from {teacher.run_dir} (step {teacher.step}, {teacher.cfg.model.num_params() / 1e6:.2f}M params): {describe(cfg.distill)}")
         if start >= cfg.train.steps:
             summary["final_eval_loss"] = mean_loss(eval_step, state.params, val)
             if is_main:
@@ -191,6 +197,10 @@ def train(
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
     )
+    if cfg.prune.method != "none":  # what the weights hold, counted (not what the masks say)
+        summary["sparsity"] = sparsity_of(state.params)
+        if is_main:
+            say(f"sparsity by weight and layer (prune.method={cfg.prune.method}):\n{sparsity_table(summary['sparsity'])}")
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         say(
