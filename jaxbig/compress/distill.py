@@ -63,10 +63,10 @@ def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
     run_dir = cfg.distill.teacher
     if not run_dir:
         raise ConfigError("distill.teacher is empty: set it to a trained run's directory, e.g. --set distill.teacher=runs/small")
-    if not Path(run_dir).is_dir():
-        raise ConfigError(f"distill.teacher={run_dir!r} does not exist; train the teacher first (scripts/train.py --run_dir {run_dir})")
     if Path(run_dir).resolve() == Path(cfg.train.run_dir).resolve():
         raise ConfigError(f"distill.teacher={run_dir!r} is this run's own train.run_dir; the teacher must be another, finished run")
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"distill.teacher={run_dir!r} does not exist; train the teacher first (scripts/train.py --run_dir {run_dir})")
     try:
         teacher_cfg = load_run_config(run_dir)
         check_teacher_config(cfg, teacher_cfg, run_dir)
