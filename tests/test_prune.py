@@ -154,12 +154,17 @@ def _flat(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def test_training_keeps_zeros_through_a_checkpoint_round_trip_and_resume(tmp_path, text_dir):
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, text_dir):
+    return tmp_path_factory.mktemp("pruned") / "r"
+
+
+def test_training_keeps_zeros_through_a_checkpoint_round_trip_and_resume(pruned_run, text_dir):
     """Train to step 6 (masks fixed at step 4), stop; the checkpoint restores the masks (bool, exact);
     resuming to step 10 keeps every pruned weight at exactly zero; the summary reports the sparsity."""
     from jaxbig.train.loop import train
 
-    run_dir = tmp_path / "r"
+    run_dir = pruned_run
     cfg = load_config(
         None,
         SMALL
@@ -216,3 +221,23 @@ def test_prune_config_is_validated():
     with pytest.raises(ConfigError, match=r"prune.end_step=3 is before prune.start_step=5"):
         load_config(None, ["prune.start_step=5", "prune.end_step=3"])
     assert isinstance(PruneState(count=jnp.int32(0), masks={}), tuple)
+
+
+def test_pruned_run_exports_int8_with_its_zeros_and_reports_them(pruned_run, tmp_path):
+    """Export composes with pruning: int8 codes are 0 exactly where the pruned weights are, and the
+    manifest reports the per-layer sparsity of the float weights and of the stored codes."""
+    from jaxbig.export.bundle import export_run
+    from jaxbig.train.restore import load_params
+
+    out = export_run(pruned_run, tmp_path / "exports" / "pruned", 1, quantize="int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sparsity = manifest["sparsity"]
+    assert sparsity["blocks/mlp/w_gate_DF"]["layers"] == [0.5, 0.5] and sparsity["lm_head_DV"]["sparsity"] == 0.0
+    assert all(sparsity[p]["stored_sparsity"] >= 0.5 for p in sparsity if p.startswith("blocks/"))
+    stored = np.load(out / "jax" / "params.npz")
+    _, _, params, _ = load_params(pruned_run)
+    for path, w in _flat(params).items():
+        if path.startswith(("blocks/attn/w", "blocks/mlp/w")):
+            q = stored[f"{path}.q"] if f"{path}.q" in stored.files else None
+            assert q is not None and q.dtype == np.int8, (path, stored.files[:4])
+            assert (q[w == 0] == 0).all()
