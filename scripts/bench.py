@@ -11,6 +11,13 @@ Gradient compression and DiLoCo on 8 (emulated) data replicas (see benchmarks/co
 bytes over the data axis per step for every method, and the validation loss after `--steps`
 steps on the real corpus for `--methods`; writes the `bench:compression` section and
 docs/compression_loss.png.
+
+    python scripts/bench.py --pruning [--steps 300] [--set prune.update_every=20 ...]
+    python scripts/bench.py --distill [--steps 300] [--set distill.weight=0.5 --set distill.temperature=2]
+
+Pruning and distillation on the real corpus (see benchmarks/sparsity.py): `small` dense vs 50%
+magnitude and 2:4 sparsity; a tiny-width student from scratch vs distilled from the dense
+`small` run. Writes the `bench:pruning` / `bench:distill` sections.
 """
 
 from __future__ import annotations
@@ -45,9 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
+    parser.add_argument("--pruning", action="store_true", help="the pruning benchmark (small: dense, 50%% magnitude, 2:4)")
+    parser.add_argument("--distill", action="store_true", help="the distillation benchmark (tiny-width student: scratch vs distilled from small)")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression: config override for every method")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression, --pruning, --distill: config override for every run")
     args = parser.parse_args(argv)
+    if args.pruning or args.distill:
+        if args.pruning and args.distill:
+            parser.error("--pruning and --distill are separate runs; pass one (--pruning first: --distill reuses its dense run as the teacher)")
+        from benchmarks import sparsity
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return sparsity.main(args, command)
     if args.compression:
         from benchmarks import compression
 
