@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from jaxbig.compress.distill import load_teacher, make_distill_loss, mixed_loss
 from jaxbig.config import ConfigError, DistillConfig, load_config
-from jaxbig.models import create_model
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.rules import rules_for, use_rules
 from jaxbig.train.state import init_train_state
