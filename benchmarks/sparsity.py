@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
@@ -77,9 +78,24 @@ class Result:
         return self.cfg.train.batch_size * self.cfg.data.seq_len / tps if tps else float("nan")
 
 
+def _finished(cfg: Config) -> dict | None:
+    """The summary of a run already trained with exactly this config to its last step, else None."""
+    run_dir = Path(cfg.train.run_dir)
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()) or saved.read_text() != cfg.to_yaml():
+        return None
+    loaded = json.loads(summary.read_text())
+    return loaded if loaded.get("steps") == cfg.train.steps and loaded.get("final_eval_loss") is not None else None
+
+
 def _train(cfg: Config, fresh: bool, say) -> dict:
+    """Trains `cfg` (from scratch when `fresh`), or reuses a finished run of the same config (delete runs/bench-sparsity to retrain)."""
     from jaxbig.train.loop import train
 
+    done = _finished(cfg)
+    if done is not None:
+        say(f"reusing the finished run {cfg.train.run_dir}", flush=True)
+        return done
     t = time.perf_counter()
     summary = train(cfg, fresh=fresh, progress=False)
     summary["bench_wall_s"] = time.perf_counter() - t
@@ -90,9 +106,11 @@ def dense_config(preset: Path, steps: int, extra: list[str]) -> Config:
     return load_config(preset, [f"train.steps={steps}", f"train.run_dir={RUNS / 'small-dense'}", *extra])
 
 
-def run_pruning(preset: Path, steps: int, extra: list[str], say=print) -> list[Result]:
+def run_pruning(preset: Path, steps: int, extra: list[str], say=print, only: list[str] | None = None) -> list[Result]:
     results = []
     for name, overrides in prune_variants(steps).items():
+        if only and name not in only:
+            continue
         run_dir = RUNS / ("small-dense" if name == "dense" else "small-" + name.replace(" ", "").replace("%", "pct").replace(":", "of"))
         cfg = load_config(preset, [f"train.steps={steps}", f"train.run_dir={run_dir}", *overrides, *extra])
         summary = _train(cfg, True, say)
@@ -193,7 +211,7 @@ def main(args, command: str) -> int:
     load_before = os.getloadavg()[0]
     try:
         if args.pruning:
-            results = run_pruning(preset, steps, args.set)
+            results = run_pruning(preset, steps, args.set, only=args.variants)
             text, (start, end), intro = pruning_report(results, command=command, load=(load_before, os.getloadavg()[0])), PRUNE_MARKERS, PRUNE_INTRO
         else:
             teacher, students = run_distill(preset, steps, args.set)
