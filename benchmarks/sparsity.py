@@ -168,7 +168,15 @@ def pruning_report(results: list[Result], *, command: str, load: tuple[float, fl
 
 def run_distill(preset: Path, steps: int, extra: list[str], say=print) -> tuple[Result, list[Result]]:
     teacher_cfg = dense_config(preset, steps, extra)
-    teacher_summary = _train(teacher_cfg, False, say)  # reuses the pruning benchmark's dense run when it is there
+    summary_file = Path(teacher_cfg.train.run_dir) / "summary.json"
+    if summary_file.is_file():  # the pruning benchmark's dense run, whatever its length (its config is left as it is)
+        from jaxbig.train.restore import load_run_config
+
+        teacher_cfg = load_run_config(teacher_cfg.train.run_dir)
+        teacher_summary = json.loads(summary_file.read_text())
+        say(f"teacher: the finished run {teacher_cfg.train.run_dir} ({teacher_cfg.train.steps} steps)", flush=True)
+    else:
+        teacher_summary = _train(teacher_cfg, False, say)
     if teacher_summary.get("final_eval_loss") is None:
         raise RuntimeError(f"teacher run {teacher_cfg.train.run_dir} has no final eval loss")
     teacher = Result(f"teacher (`{preset.stem}`)", teacher_cfg, teacher_summary)
