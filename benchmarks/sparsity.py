@@ -179,7 +179,7 @@ def run_distill(preset: Path, steps: int, extra: list[str], say=print) -> tuple[
         teacher_summary = _train(teacher_cfg, False, say)
     if teacher_summary.get("final_eval_loss") is None:
         raise RuntimeError(f"teacher run {teacher_cfg.train.run_dir} has no final eval loss")
-    teacher = Result(f"teacher (`{preset.stem}`)", teacher_cfg, teacher_summary)
+    teacher = Result(f"teacher (`{preset.stem}`, {teacher_cfg.train.steps} steps)", teacher_cfg, teacher_summary)
     say(f"teacher: val loss {teacher.val_loss:.4f}", flush=True)
     students = []
     for name, overrides in (("student from scratch", []), ("student distilled", [f"distill.teacher={teacher_cfg.train.run_dir}"])):
