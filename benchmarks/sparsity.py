@@ -40,7 +40,8 @@ PRUNE_INTRO = """## Pruning: validation loss at 50% and 2:4 sparsity
 (`jaxbig.compress.prune`: masks in the optimizer state, pruned weights exactly 0). Pruned: the
 attention and MLP weights of every block (`prune.include`), not the embedding, output head or
 norms; "sparsity" is counted in the final weights (exact zeros) over those weights, and over all
-weight matrices. Re-run with `python scripts/bench.py --pruning`.
+weight matrices. Re-run with `python scripts/bench.py --pruning` (runs already trained with the
+same config under runs/bench-sparsity are reused; delete that directory to retrain).
 """
 
 DISTILL_INTRO = """## Distillation: a student from a larger teacher vs the same student from scratch
@@ -121,7 +122,7 @@ def run_pruning(preset: Path, steps: int, extra: list[str], say=print, only: lis
 
             summary["sparsity"] = sparsity_by_layer(flatten_params(load_params(run_dir)[2]))
         results.append(Result(name, cfg, summary))
-        say(f"{name}: val loss {summary['final_eval_loss']:.4f} after {steps} steps ({summary['bench_wall_s']:.0f} s)", flush=True)
+        say(f"{name}: val loss {summary['final_eval_loss']:.4f} after {steps} steps ({summary.get('bench_wall_s', summary['wall_s']):.0f} s)", flush=True)
     return results
 
 
@@ -187,7 +188,7 @@ def run_distill(preset: Path, steps: int, extra: list[str], say=print) -> tuple[
         cfg = load_config(preset, [f"train.steps={steps}", f"train.run_dir={run_dir}", *STUDENT, *overrides, *extra])
         summary = _train(cfg, True, say)
         students.append(Result(name, cfg, summary))
-        say(f"{name}: val loss {summary['final_eval_loss']:.4f} ({summary['bench_wall_s']:.0f} s)", flush=True)
+        say(f"{name}: val loss {summary['final_eval_loss']:.4f} ({summary.get('bench_wall_s', summary['wall_s']):.0f} s)", flush=True)
     return teacher, students
 
 
