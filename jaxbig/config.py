@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,64 @@ class TrainConfig:
         _require(bool(self.run_dir), "train.run_dir must not be empty")
 
 
+PRUNE_METHODS = ("none", "magnitude", "nm")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """Pruning during training (jaxbig.compress.prune): masks in the optimizer state keep pruned weights at zero."""
+
+    method: str = "none"  # none, magnitude (unstructured, to `sparsity`) or nm (N:M: n of every m weights along the contracted axis kept)
+    sparsity: float = 0.5  # magnitude: final fraction of the pruned weights set to zero
+    initial_sparsity: float = 0.0  # magnitude: sparsity at start_step, ramped to `sparsity` by end_step (Zhu & Gupta cubic)
+    scope: str = "layer"  # magnitude: one threshold per weight per layer (layer) or one over all pruned weights (global)
+    n: int = 2  # nm: weights kept in every group
+    m: int = 4  # nm: group size, consecutive along the weight's contracted (input) axis
+    start_step: int = 0  # first mask update, in optimizer steps (masks are all ones before it)
+    end_step: int = 0  # last mask update; masks are fixed after it (end_step = start_step: one shot)
+    update_every: int = 10  # steps between mask updates in [start_step, end_step]
+    include: tuple[str, ...] = (r"blocks/attn/w.*", r"blocks/mlp/w.*")  # regexes (full match) over '/'-joined param paths: the linear layers
+
+    def __post_init__(self):
+        _require(self.method in PRUNE_METHODS, f"prune.method={self.method!r}: use one of {', '.join(PRUNE_METHODS)}")
+        _require(0.0 <= self.sparsity < 1.0, f"prune.sparsity={self.sparsity} must be in [0, 1)")
+        _require(
+            0.0 <= self.initial_sparsity <= self.sparsity,
+            f"prune.initial_sparsity={self.initial_sparsity} must be in [0, prune.sparsity={self.sparsity}]",
+        )
+        _require(self.scope in ("layer", "global"), f"prune.scope={self.scope!r}: use layer or global")
+        _require(
+            1 <= self.n < self.m,
+            f"prune.n={self.n}, prune.m={self.m}: N:M sparsity keeps n of every m weights, so it needs 1 <= n < m (e.g. 2:4)",
+        )
+        _require(self.start_step >= 0, f"prune.start_step={self.start_step} must be >= 0")
+        _require(
+            self.end_step >= self.start_step,
+            f"prune.end_step={self.end_step} is before prune.start_step={self.start_step}; "
+            f"use end_step >= start_step (end_step={self.start_step} prunes in one shot)",
+        )
+        _require(self.update_every >= 1, f"prune.update_every={self.update_every} must be >= 1")
+        _require(bool(self.include), "prune.include is empty; name the params to prune, e.g. prune.include=blocks/mlp/w.*")
+        for pattern in self.include:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"prune.include pattern {pattern!r} is not a valid regex ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Knowledge distillation (jaxbig.compress.distill): loss = (1-w)·CE + w·T²·KL(teacher_T || student_T)."""
+
+    teacher: str = ""  # run_dir of a trained teacher (its latest checkpoint); empty = no distillation
+    temperature: float = 2.0  # T: both models' logits are divided by it before the softmax
+    weight: float = 0.5  # w: share of the KL term in the loss (0 = plain next-token training)
+
+    def __post_init__(self):
+        _require(self.temperature > 0, f"distill.temperature={self.temperature} must be positive (1 = the plain softmax)")
+        _require(0.0 <= self.weight <= 1.0, f"distill.weight={self.weight} must be in [0, 1]")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -244,6 +303,8 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    distill: DistillConfig = DistillConfig()
 
     def __post_init__(self):
         _require(
@@ -268,9 +329,23 @@ class Config:
             f"use train.steps={self.train.steps - self.train.steps % self.optim.sync_every or self.optim.sync_every}",
         )
 
+        if self.prune.method != "none":
+            _require(
+                self.prune.end_step <= self.train.steps,
+                f"prune.end_step={self.prune.end_step} exceeds train.steps={self.train.steps}; the sparsity would never reach "
+                f"prune.sparsity; use prune.end_step <= {self.train.steps}",
+            )
+        for section, on in (("prune.method=" + self.prune.method, self.prune.method != "none"), ("distill.teacher", bool(self.distill.teacher))):
+            _require(
+                not on or (self.optim.compression == "none" and self.optim.outer == "none"),
+                f"{section} runs on the standard train step only, not with optim.compression={self.optim.compression!r} / "
+                f"optim.outer={self.optim.outer!r} (the shard_map step); set those to none",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"]["paths"] = list(d["data"]["paths"])
+        d["prune"]["include"] = list(d["prune"]["include"])
         return d
 
     def to_yaml(self) -> str:
@@ -407,10 +482,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "PruneConfig",
     "TrainConfig",
     "config_from_dict",
     "load_config",

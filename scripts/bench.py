@@ -24,6 +24,13 @@ blocked per async save, and save/restore throughput against a plain copy; writes
 The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
 and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
+
+    python scripts/bench.py --pruning [--steps 300] [--set prune.update_every=20 ...]
+    python scripts/bench.py --distill [--steps 300] [--set distill.weight=0.5 --set distill.temperature=2]
+
+Pruning and distillation on the real corpus (see benchmarks/sparsity.py): `small` dense vs 50%
+magnitude and 2:4 sparsity; a tiny-width student from scratch vs distilled from the dense
+`small` run. Writes the `bench:pruning` / `bench:distill` sections.
 """
 
 from __future__ import annotations
@@ -59,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
     parser.add_argument("--data", action="store_true", help="the input-pipeline and checkpoint benchmark instead")
+    parser.add_argument("--pruning", action="store_true", help="the pruning benchmark (small: dense, 50%% magnitude, 2:4)")
+    parser.add_argument("--variants", nargs="+", default=None, help="--pruning: train only these (dense, 'magnitude 50%%', 2:4); finished runs are reused")
+    parser.add_argument("--distill", action="store_true", help="the distillation benchmark (tiny-width student: scratch vs distilled from small)")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression/--data: config override for every run")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression, --data, --pruning, --distill: config override for every run")
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
@@ -75,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return serving.main(args, command)
+    if args.pruning or args.distill:
+        if args.pruning and args.distill:
+            parser.error("--pruning and --distill are separate runs; pass one (--pruning first: --distill reuses its dense run as the teacher)")
+        from benchmarks import sparsity
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return sparsity.main(args, command)
     if args.compression:
         from benchmarks import compression
 

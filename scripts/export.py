@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(e)
     print(f"exported {path}")
+    import json
+
+    from jaxbig.compress.prune import sparsity_table
+
+    sparsity = json.loads((path / "manifest.json").read_text())["sparsity"]
+    if any(e["zeros"] for e in sparsity.values()):  # a pruned run: what was exported, per weight and layer
+        print(f"sparsity of the exported weights (exact zeros):\n{sparsity_table(sparsity)}")
     return 0
 
 

@@ -21,6 +21,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from jaxbig.compress.prune import sparsity_by_layer
 from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
 from jaxbig.config import ConfigError
 from jaxbig.data.tokenizer import ByteTokenizer
@@ -56,6 +57,20 @@ def _warmup_requests(max_seq_len: int) -> list[tuple[str, dict[str, np.ndarray]]
     n = min(4, max_seq_len - 1)
     reqs.append(("generate", {"prompt": np.ones((1, 1), np.int32), "max_new_tokens": np.int32(n), "temperature": np.float32(0), "seed": np.int32(0)}))
     return reqs
+
+
+def _sparsity(flat: dict[str, np.ndarray], leaves) -> dict:
+    """Exact zeros per weight and layer in the exported float weights, and in the stored int8/fp8 codes.
+
+    Pruned weights are stored as zeros (dense layout: TF Serving has no sparse weight format);
+    quantization maps 0 to code 0, and may round further small weights to 0.
+    """
+    report = sparsity_by_layer(flat)
+    codes = sparsity_by_layer({name[: -len(".q")]: np.asarray(a) for name, a in leaves if name.endswith(".q")})
+    for path, entry in report.items():
+        if path in codes:
+            entry["stored_sparsity"] = codes[path]["sparsity"]
+    return report
 
 
 def export_run(
@@ -103,6 +118,7 @@ def export_run(
             "model": cfg.to_dict()["model"],
             "tokenizer": ByteTokenizer().to_dict(),
             "params": leaf_manifest(leaves),
+            "sparsity": _sparsity(flat, leaves),
             "quantization": {
                 "method": quantize,
                 "scheme": _SCHEMES[quantize],

@@ -157,7 +157,7 @@ def check_mesh(cfg: OptimConfig, mesh_shape: dict[str, int]) -> None:
 
 
 def optimizer_for(cfg: Config, mesh_shape: dict[str, int]) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The run's optimizer on a mesh: checks the mesh, then `build_optimizer` with its data size and views."""
+    """The run's optimizer on a mesh: checks the mesh, then `build_optimizer` with its data size and views, then pruning."""
     check_mesh(cfg.optim, mesh_shape)
     k, replicas = cfg.optim.accumulate_steps, mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     if k > 1 and (cfg.train.batch_size // k) % replicas:
@@ -182,6 +182,10 @@ def optimizer_for(cfg: Config, mesh_shape: dict[str, int]) -> tuple[optax.Gradie
             )
     num_replicas = mesh_shape.get("data", 1)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, num_replicas=num_replicas, views=views, shard_specs=shard_specs)
+    if cfg.prune.method != "none":  # last in the chain: it masks the final updates (Config refuses compression/DiLoCo with it)
+        from jaxbig.compress.prune import PrunePlan, prune_updates
+
+        tx = optax.chain(tx, prune_updates(PrunePlan.from_config(cfg.prune)))
     if cfg.train.skip_nonfinite:
         if uses_data_parallel_step(cfg.optim):
             raise ConfigError(

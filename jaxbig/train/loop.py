@@ -15,6 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxbig.checkpoint import Checkpoints
+from jaxbig.compress.distill import describe, load_teacher, make_distill_loss
+from jaxbig.compress.prune import sparsity_of, sparsity_table
 from jaxbig.config import Config, ConfigError, config_from_dict
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.packed import packed_batches, packed_eval_batches
@@ -104,11 +106,13 @@ def train(
 
     with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
         graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None  # frozen, outside the train state
+        distill_loss = make_distill_loss(graphdef, teacher.graphdef, cfg.distill, run_layers) if teacher else None
         if uses_data_parallel_step(cfg.optim):  # compression or DiLoCo: local gradients under shard_map
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
-            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps)
-        train_step = jit_train_step(step_fn, shardings, bsharding, packed=prepared is not None)
+            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
+        train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None)
         eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None)
         say = tqdm.write if progress else print
 
@@ -147,6 +151,8 @@ def train(
                 f"{pipeline_note}{_data_note(corpus, prepared, cfg)} | "
                 f"batch {B}x{T} | peak {peak / 1e9:.0f} GFLOP/s | run_dir {run_dir}"
             )
+            if teacher is not None:
+                say(f"distilling from {teacher.run_dir} (step {teacher.step}, {teacher.cfg.model.num_params() / 1e6:.2f}M params): {describe(cfg.distill)}")
         if start >= cfg.train.steps:
             summary["final_eval_loss"] = mean_loss(eval_step, state.params, val)
             if is_main:
@@ -216,6 +222,10 @@ def train(
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
     )
+    if cfg.prune.method != "none":  # what the weights hold, counted (not what the masks say)
+        summary["sparsity"] = sparsity_of(state.params)
+        if is_main:
+            say(f"sparsity by weight and layer (prune.method={cfg.prune.method}):\n{sparsity_table(summary['sparsity'])}")
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         say(

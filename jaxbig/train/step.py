@@ -47,18 +47,32 @@ def make_train_step(
     run_layers: LayerRunner = scan_layers,
     *,
     accumulate_steps: int = 1,
+    distill_loss=None,
 ):
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`train_step(state, batch)`; with `distill_loss` (`jaxbig.compress.distill.make_distill_loss`),
+    `train_step(state, batch, teacher_params)`: the loss is the distillation loss, the teacher's params an input."""
+
+    def step_with(state: TrainState, batch: Batch, loss_of) -> tuple[TrainState, dict[str, jax.Array]]:
         if accumulate_steps == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, run_layers)
+            loss, grads = jax.value_and_grad(loss_of)(state.params, batch)
         else:
-            loss, grads = accumulated_value_and_grad(lambda p, b: loss_fn(p, graphdef, b, run_layers), state.params, batch, accumulate_steps)
+            loss, grads = accumulated_value_and_grad(loss_of, state.params, batch, accumulate_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **nonfinite_metrics(opt_state)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return train_step
+    if distill_loss is None:
+
+        def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+            return step_with(state, batch, lambda p, b: loss_fn(p, graphdef, b, run_layers))
+
+        return train_step
+
+    def distill_train_step(state: TrainState, batch: Batch, teacher_params: Params) -> tuple[TrainState, dict[str, jax.Array]]:
+        return step_with(state, batch, lambda p, b: distill_loss(p, b, teacher_params))
+
+    return distill_train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers):
@@ -68,10 +82,19 @@ def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, packed: bool = False):
-    """Compiled once with explicit shardings; the incoming state's buffers are donated."""
+def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, teacher=None, packed: bool = False):
+    """Compiled once with explicit shardings; the incoming state's buffers are donated.
+
+    With a `teacher` (`jaxbig.compress.distill.Teacher`) the step's third argument, the teacher's
+    params, is laid out by `teacher.shardings` and bound here: the result is still `step(state, batch)`.
+    """
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=0)
+    if teacher is None:
+        return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=0)
+    jitted = jax.jit(
+        train_step, in_shardings=(state_shardings, batch_shardings, teacher.shardings), out_shardings=(state_shardings, None), donate_argnums=0
+    )
+    return lambda state, batch: jitted(state, batch, teacher.params)
 
 
 def jit_eval_step(eval_step, param_shardings: Params, batch_sharding, packed: bool = False):
