@@ -97,7 +97,7 @@ def step_bytes(cfg: Config) -> tuple[dict[str, float], float]:
         if uses_data_parallel_step(cfg.optim):
             fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
-            fn = make_train_step(graphdef, tx, schedule, cfg.optim.accumulate_steps)
+            fn = make_train_step(graphdef, tx, schedule, accumulate_steps=cfg.optim.accumulate_steps)
         batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=bs) for k in ("inputs", "targets")}
         hlo = jit_train_step(fn, shardings, bs).lower(abstract, batch).compile().as_text()
     always = collective_bytes(hlo, mesh, over="data", conditional=False)

@@ -287,7 +287,7 @@ class DistillConfig:
     """Knowledge distillation (jaxbig.compress.distill): loss = (1-w)·CE + w·T²·KL(teacher_T || student_T)."""
 
     teacher: str = ""  # run_dir of a trained teacher (its latest checkpoint); empty = no distillation
-    temperature: float = 2.0  # T: both models' logits are divided by it before the softmax
+    temperature: float = 1.0  # T: both models' logits are divided by it before the softmax
     weight: float = 0.5  # w: share of the KL term in the loss (0 = plain next-token training)
 
     def __post_init__(self):

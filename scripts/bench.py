@@ -26,7 +26,7 @@ and throughput over REST and gRPC, batched and unbatched, with a version switch 
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 
     python scripts/bench.py --pruning [--steps 300] [--set prune.update_every=20 ...]
-    python scripts/bench.py --distill [--steps 300] [--set distill.weight=0.5 --set distill.temperature=2]
+    python scripts/bench.py --distill [--steps 300] [--set distill.weight=0.5 --set distill.temperature=1]
 
 Pruning and distillation on the real corpus (see benchmarks/sparsity.py): `small` dense vs 50%
 magnitude and 2:4 sparsity; a tiny-width student from scratch vs distilled from the dense

@@ -200,3 +200,20 @@ def test_a_checkpoint_saved_on_4x2_resumes_on_another_mesh(tmp_path, tiny_overri
     jax.tree.map(np.testing.assert_array_equal, saved, restored)
     a, b = _losses(ref)[5], _losses(other)[5]
     assert abs(a - b) <= 2e-6 * abs(a), (a, b)  # another mesh sums in another order; the inputs are identical
+
+
+def test_checkpoints_of_the_earlier_layout_still_restore(tmp_path):
+    """Runs saved before the data iterator joined the checkpoint hold the state as orbax's `default` item."""
+    import orbax.checkpoint as ocp
+
+    from jaxbig.checkpoint import checkpoint_manager
+
+    old = checkpoint_manager(tmp_path, keep=2)
+    old.save(7, args=ocp.args.StandardSave(_state(7.0)))
+    old.wait_until_finished()
+    old.close()
+    ck = Checkpoints(tmp_path, keep=2)
+    step, state = ck.restore_latest(_abstract(_state(0.0)))
+    ck.close()
+    assert step == 7
+    np.testing.assert_array_equal(state["w"], _state(7.0)["w"])

@@ -33,6 +33,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 CHECKSUMS = "checksums.json"
 STATE, DATA = "state", "data"
+LEGACY_STATE = "default"
 METRIC = "eval_loss"
 
 
@@ -82,6 +83,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
 
     With `data_iterator`, also sets that grain iterator to the saved position.
     """
+    if _state_item(manager, step) == LEGACY_STATE:  # a single unnamed item: read it with a manager of its own
+        legacy = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+        try:
+            return legacy.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            legacy.close()
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         import grain
@@ -90,9 +97,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
 
+def _state_item(manager: ocp.CheckpointManager, step: int) -> str:
+    """`state`; checkpoints written before the data iterator was saved hold the train state as orbax's `default` item."""
+    return STATE if (Path(manager.directory) / str(step) / STATE).is_dir() else LEGACY_STATE
+
+
 def stored_tree(manager: ocp.CheckpointManager, step: int):
     """The saved train state's metadata tree (shapes and dtypes), read without loading arrays."""
-    return ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / STATE).tree
+    return ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / _state_item(manager, step)).tree
 
 
 # --- integrity ------------------------------------------------------------------------------------
