@@ -34,7 +34,7 @@ def text_dir(tmp_path_factory) -> Path:
 
 
 # A model small enough that a run of a few steps takes seconds (tests of the loop, not of the model).
-TINY = [
+TINY_MODEL = [
     "model.d_model=64",
     "model.num_layers=2",
     "model.num_heads=4",
@@ -44,9 +44,8 @@ TINY = [
     "model.max_seq_len=64",
     "data.seq_len=32",
     "train.batch_size=8",
-    "train.eval_batches=2",
-    "optim.warmup_steps=5",
 ]
+TINY = [*TINY_MODEL, "train.eval_batches=2", "optim.warmup_steps=5"]
 
 
 @pytest.fixture(scope="session")

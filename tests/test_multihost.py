@@ -19,18 +19,11 @@ import numpy as np
 from jaxbig.config import load_config
 from jaxbig.train.loop import train
 from jaxbig.train.restore import load_params
+from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 
 TINY = [
-    "model.d_model=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=128",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
+    *TINY_MODEL,
     "data.val_fraction=0.2",
-    "train.batch_size=8",
     "train.log_every=1",
     "train.eval_every=1000",
     "train.eval_batches=1",

@@ -15,18 +15,11 @@ from jaxbig.config import ConfigError, load_config
 from jaxbig.optim import optimizer_for
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train.state import abstract_train_state
+from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 
 SMALL = [
-    "model.d_model=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=128",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
+    *TINY_MODEL,
     "data.val_fraction=0.2",
-    "train.batch_size=8",
     "train.log_every=4",
     "train.eval_every=4",
     "train.eval_batches=1",

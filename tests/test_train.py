@@ -8,17 +8,10 @@ import pytest
 from jaxbig.config import ConfigError, load_config
 from jaxbig.train.loop import train
 from jaxbig.train.restore import load_params
+from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 
 SMALL = [
-    "model.d_model=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=128",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
-    "train.batch_size=8",
+    *TINY_MODEL,
     "train.log_every=5",
     "train.eval_every=10",
     "train.eval_batches=2",
