@@ -24,6 +24,7 @@ Params = dict[str, Any]
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 

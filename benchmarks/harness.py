@@ -32,6 +32,7 @@ from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train.metrics import measure_matmul_peak
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_train_step, make_train_step
+from jaxbig.xla_options import compiler_options
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench:foundation:start -->", "<!-- bench:foundation:end -->"
@@ -92,7 +93,8 @@ def bench_config(
 
     with jax.set_mesh(mesh):
         graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        jaxbig_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T))
+        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend())  # as the loop compiles it
+        jaxbig_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T), compiler_options=xla)
     # The hand-written step gets its own copy (both donate) as plain arrays committed to the
     # device, as a hand-written script would hold them; its outputs are placed the same way, so
     # the second call does not compile again for differently placed inputs.

@@ -45,7 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the output projection
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     param_dtype: str = "float32"  # storage dtype of the params
-    remat: str = "none"  # activation checkpointing per layer: none, full or dots
+    remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
+    attention: str = "einsum"  # einsum (written out; fastest on CPU) or dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
+    scan_layers: bool = True  # lax.scan over the stacked layers (compile time flat in depth); false unrolls them
     init_std: float = 0.02  # std of the normal init of every weight matrix
 
     def __post_init__(self):
@@ -59,7 +61,8 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
         _require(self.dtype in ("float32", "bfloat16"), f"model.dtype={self.dtype!r}: use float32 or bfloat16")
         _require(self.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={self.param_dtype!r}: use float32 or bfloat16")
-        _require(self.remat in ("none", "full", "dots"), f"model.remat={self.remat!r}: use none, full or dots")
+        _require(self.remat in ("none", "minimal", "dots", "full"), f"model.remat={self.remat!r}: use none, minimal (alias dots) or full")
+        _require(self.attention in ("einsum", "dot_product"), f"model.attention={self.attention!r}: use einsum or dot_product")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
 
     def num_params(self, *, include_embedding: bool = True) -> int:
@@ -216,6 +219,20 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """How XLA compiles the steps: a backend option profile and the persistent compilation cache."""
+
+    xla_profile: str = "auto"  # auto (the measured best for the backend), default (XLA's own defaults) or a profile in jaxbig.xla_options
+    cache_dir: str = "~/.cache/jaxbig/xla"  # persistent compilation cache: a second run loads its compiled steps ("" = off)
+
+    def __post_init__(self):
+        from jaxbig.xla_options import profile_names  # a table of options; imports nothing heavy
+
+        names = profile_names()
+        _require(self.xla_profile in names, f"compile.xla_profile={self.xla_profile!r}: use one of {', '.join(names)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The loop: how long, how big, how often to log, evaluate and checkpoint."""
 
@@ -303,6 +320,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    compile: CompileConfig = CompileConfig()
     prune: PruneConfig = PruneConfig()
     distill: DistillConfig = DistillConfig()
 

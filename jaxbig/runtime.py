@@ -43,3 +43,19 @@ def use_cpu_devices(count: int) -> None:
             raise RuntimeError(f"JAX already started with {jax.device_count()} {jax.default_backend()} devices; {count} CPU devices are needed")
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", count)
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (Linux /proc; None elsewhere): the time-to-first-step clock.
+
+    Measured from the kernel's start time, so it includes the interpreter's start-up and every
+    import before jaxbig's own code runs.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")

@@ -25,6 +25,21 @@ The embedded TF-Serving-compatible server under load (see benchmarks/serving.py)
 and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 
+    python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
+    python scripts/bench.py --perf --check [--margin 0.15]
+
+Training speed (see benchmarks/perf.py): for each config and mesh, one `scripts/train.py`
+process: tokens/s, model GFLOP/s, MFU, step-time median and spread, compile time, time to first
+step, peak host memory; tiny's time to first step with a cold and a warm compilation cache; the
+hand-written step and the PyTorch eager peer on the same shapes. Writes `bench:perf`. With
+--check, exits 1 when a run is more than --margin below the recorded baseline (writes nothing).
+
+    python scripts/bench.py --profiles [--config small d512]
+
+Speed options one by one against the defaults (see benchmarks/profiles.py): XLA CPU option
+profiles, dot_product attention, unrolled layers, bf16 compute, remat; compiled in one process
+and timed in alternating rounds, with the loss difference each causes. Writes `bench:profiles`.
+
     python scripts/bench.py --pruning [--steps 300] [--set prune.update_every=20 ...]
     python scripts/bench.py --distill [--steps 300] [--set distill.weight=0.5 --set distill.temperature=1]
 
@@ -71,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill", action="store_true", help="the distillation benchmark (tiny-width student: scratch vs distilled from small)")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression, --data, --pruning, --distill: config override for every run")
+    parser.add_argument("--perf", action="store_true", help="the training-speed benchmark (loop per config and mesh, start-up, peers)")
+    parser.add_argument("--meshes", nargs="+", default=None, help="--perf: meshes to run (default: 1x1 4x2)")
+    parser.add_argument("--check", action="store_true", help="--perf: compare with the recorded baseline; exit 1 on a regression")
+    parser.add_argument("--margin", type=float, default=0.15, help="--perf --check: allowed shortfall below the baseline (default 0.15)")
+    parser.add_argument("--profiles", action="store_true", help="XLA option profiles and speed options, one by one against the defaults")
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
@@ -80,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return data_ckpt.main(args, command)
+    if args.perf or args.profiles:
+        from benchmarks import perf, profiles
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return perf.main(args, command) if args.perf else profiles.main(args, command)
     if args.serving:
         from benchmarks import serving
 

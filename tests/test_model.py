@@ -74,7 +74,7 @@ def test_bfloat16_compute_tracks_float32():
     assert float(jnp.abs(bf16 - f32).max()) < 0.05
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "minimal"])
 def test_remat_gives_the_same_gradients(remat):
     tokens = _tokens()
 
@@ -84,6 +84,25 @@ def test_remat_gives_the_same_gradients(remat):
 
     for a, b in zip(jax.tree.leaves(loss(CFG)), jax.tree.leaves(loss(dataclasses.replace(CFG, remat=remat)))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", [{"attention": "dot_product"}, {"scan_layers": False}])
+def test_speed_options_compute_the_same_model(option):
+    """jax.nn.dot_product_attention and unrolled layers: same logits and gradients, plain and packed rows."""
+    tokens = _tokens(T=24)
+    segments_BT = jnp.asarray([[0] * 9 + [1] * 15, [0] * 24], jnp.int32)
+    positions_BT = jnp.asarray([list(range(9)) + list(range(15)), list(range(24))], jnp.int32)
+
+    def grads_and_logits(cfg, **kw):
+        graphdef, params = nnx.split(create_model(cfg, 0))
+        return jax.value_and_grad(lambda p: (lambda l: (l.mean(), l))(nnx.merge(graphdef, p)(tokens, **kw)), has_aux=True)(params)
+
+    for kw in ({}, {"positions_BT": positions_BT, "segment_ids_BT": segments_BT}):
+        (_, want), want_g = grads_and_logits(CFG, **kw)
+        (_, got), got_g = grads_and_logits(dataclasses.replace(CFG, **option), **kw)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_tied_embeddings_have_no_head_and_count():

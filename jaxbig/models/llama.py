@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbig.config import ModelConfig
-from jaxbig.parallel.pipeline import LayerRunner, scan_layers
+from jaxbig.parallel.pipeline import LayerRunner, scan_layers, unrolled_layers
 from jaxbig.parallel.rules import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
@@ -96,6 +96,7 @@ class Attention(nnx.Module):
         self.wv_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
         self.wo_HKD = _param(rngs, (H, K, D), std, pd, ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
+        self.attention = cfg.attention
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
         dt = x_BTD.dtype
@@ -118,6 +119,9 @@ class Attention(nnx.Module):
 
         B, T, H, K = q_BTHK.shape
         N = k_BSNK.shape[2]
+        if self.attention == "dot_product" and cache is None:  # training/eval: keys are the queries' own sequence
+            y_BTD = dense("BTHK,HKD->BTD", self._dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT), self.wo_HKD[...])
+            return y_BTD, cache
         q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
         logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
         causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
@@ -129,6 +133,19 @@ class Attention(nnx.Module):
         out_BTHK = out_BTNGK.reshape(B, T, H, K)
         y_BTD = dense("BTHK,HKD->BTD", out_BTHK, self.wo_HKD[...])
         return y_BTD, cache
+
+    @staticmethod
+    def _dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT):
+        """`jax.nn.dot_product_attention`, causal by sequence index (positions only rotate q and k).
+
+        On GPUs JAX picks cuDNN's fused (flash) attention where it applies; elsewhere XLA's. Packed
+        rows add a same-segment mask; within a segment index order is position order, so this
+        equals the einsum path's position-based mask.
+        """
+        mask_B1TS = None
+        if segment_ids_BT is not None:
+            mask_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q_BTHK, k_BSNK, v_BSNK, mask=mask_B1TS, is_causal=True)
 
 
 class MLP(nnx.Module):
@@ -161,8 +178,9 @@ class Block(nnx.Module):
         return constrain(x_BTD, _ACT_BTD), cache
 
 
-_REMAT_POLICIES = {
+_REMAT_POLICIES = {  # MaxText's names: minimal saves the weight matmuls' outputs, full saves nothing
     "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -217,6 +235,8 @@ class Llama(nnx.Module):
                 positions_BT, segment_ids_BT = side
                 return nnx.merge(graphdef, layer)(x_BTD, positions_BT, None, segment_ids_BT)[0]
 
+            if run_layers is scan_layers and not cfg.scan_layers:  # the plain runner, unrolled (a pipeline keeps its schedule)
+                run_layers = unrolled_layers
             x_BTD = run_layers(body, layers, x_BTD, (positions_BT, segment_ids_BT))
         else:
 

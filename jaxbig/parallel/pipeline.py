@@ -76,6 +76,15 @@ def scan_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any) -> ja
     return lax.scan(step, x_BTD, layers)[0]
 
 
+def unrolled_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any) -> jax.Array:
+    """`scan_layers` fully unrolled (`model.scan_layers=false`): one copy of the layer per layer in the program."""
+
+    def step(x_BTD, layer):
+        return body(layer, x_BTD, side), None
+
+    return lax.scan(step, x_BTD, layers, unroll=True)[0]
+
+
 # --------------------------------------------------------------------------- the timetable
 
 

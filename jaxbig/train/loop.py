@@ -27,10 +27,12 @@ from jaxbig.parallel.guards import check_layout, check_sequence_parallel
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
 from jaxbig.parallel.rules import rules_for, use_rules
+from jaxbig.runtime import seconds_since_process_start
 from jaxbig.train import metrics as metrics_lib
 from jaxbig.train.dp_step import make_dp_train_step
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
+from jaxbig.xla_options import cache_stats, compiler_options, enable_compilation_cache
 
 CONFIG_FILE = "config.yaml"
 
@@ -80,6 +82,7 @@ def train(
     interrupted there; running again resumes it.
     """
     t_start = time.perf_counter()
+    cache_dir = enable_compilation_cache(cfg.compile.cache_dir)  # before the first compile
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.train.run_dir)
 
@@ -112,8 +115,9 @@ def train(
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
             step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
-        train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None)
-        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None)
+        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend())
+        train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None, compiler_options=xla)
+        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None, compiler_options=xla)
         say = tqdm.write if progress else print
 
         # Resume from the newest readable checkpoint: train state and, for packed input, the data position.
@@ -177,10 +181,13 @@ def train(
         last_record: dict[str, float] = {}
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         for step in range(start + 1, end + 1):
+            t_step = time.perf_counter()
             state, step_metrics = train_step(state, next(batches))
             if step == start + 1:  # the first step compiles; throughput is timed from its end
                 jax.block_until_ready(step_metrics)
+                summary["first_call_s"] = time.perf_counter() - t_step  # trace + compile (or cache load) + one step
                 summary["first_step_s"] = time.perf_counter() - t_start
+                summary["time_to_first_step_s"] = seconds_since_process_start()  # process start (imports included)
                 clock.mark(step)
             if pending is not None:  # the previous logged step has finished by now (or soon)
                 last_record = _flush(pending, clock, writer, bar, say, is_main, checkpoints, cfg.train.skip_nonfinite)
@@ -217,6 +224,8 @@ def train(
         skipped_steps=last_record.get("skipped_steps"),
         final_loss=last_record.get("loss"),
         final_eval_loss=last_record.get("eval_loss"),
+        compile_s=summary["first_call_s"] - step_s if step_s and "first_call_s" in summary else None,
+        compilation_cache=dict(cache_stats, dir=str(cache_dir)) if cache_dir else None,
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
         mfu=float(np.median(clock.rates)) * flops_per_token / peak if clock.rates else None,
         steps=cfg.train.steps,
@@ -231,7 +240,7 @@ def train(
         say(
             f"done: eval_loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/token | "
             f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {summary['mfu'] or 0:.3f} | "
-            f"first step {summary.get('first_step_s', 0):.1f}s | {summary['wall_s']:.0f}s total | checkpoints in {run_dir}/checkpoints"
+            f"first step {summary.get('time_to_first_step_s') or summary.get('first_step_s', 0):.1f}s after start | {summary['wall_s']:.0f}s total | checkpoints in {run_dir}/checkpoints"
         )
     return summary
 

@@ -82,24 +82,35 @@ def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, teacher=None, packed: bool = False):
+def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, teacher=None, packed: bool = False, compiler_options=None):
     """Compiled once with explicit shardings; the incoming state's buffers are donated.
 
     With a `teacher` (`jaxbig.compress.distill.Teacher`) the step's third argument, the teacher's
     params, is laid out by `teacher.shardings` and bound here: the result is still `step(state, batch)`.
+    `compiler_options` are XLA options for this step (`jaxbig.xla_options.compiler_options`).
     """
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
     if teacher is None:
-        return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=0)
+        return jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+            compiler_options=compiler_options,
+        )
     jitted = jax.jit(
-        train_step, in_shardings=(state_shardings, batch_shardings, teacher.shardings), out_shardings=(state_shardings, None), donate_argnums=0
+        train_step,
+        in_shardings=(state_shardings, batch_shardings, teacher.shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+        compiler_options=compiler_options,
     )
     return lambda state, batch: jitted(state, batch, teacher.params)
 
 
-def jit_eval_step(eval_step, param_shardings: Params, batch_sharding, packed: bool = False):
+def jit_eval_step(eval_step, param_shardings: Params, batch_sharding, packed: bool = False, compiler_options=None):
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings), compiler_options=compiler_options)
 
 
 def mean_loss(eval_fn, params: Params, batches: list[Batch]) -> float:

@@ -1,0 +1,295 @@
+"""Training speed on this machine: jaxbig's loop per config and mesh, against the hand-written step and the peers.
+
+    python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
+    python scripts/bench.py --perf --check [--margin 0.15]
+
+Each (config, mesh) is one `scripts/train.py` process, as a user runs it, with a fresh
+compilation cache: tokens/s and step times come from the loop's own per-step measurement
+(`metrics.jsonl`, `train.log_every=1`; the loop fetches metrics a step late, so logging every step
+adds no host sync), compile time and time to first step from its `summary.json`, peak host memory
+from the kernel's accounting of the child (`wait4`). 1x1 runs with one CPU device, 4x2 with 8
+emulated ones; both use the same global batch.
+
+Beside it, in the same invocation: time to first step of `tiny` (what `make train` runs) with a
+cold and a warm compilation cache; the hand-written JAX step (`benchmarks/handwritten.py`, in this
+process, one device); and the PyTorch eager peer (`benchmarks/peers/torch_llama.py`, run with
+`.venv-peers/bin/python` when `make bench-peers` has built it) on the same shapes.
+
+FLOPs are model FLOPs (`ModelConfig.flops_per_token`: 6 x matmul params + the causal attention
+term), the same formula for every implementation, so GFLOP/s compare across block types. MFU is
+against the 2048² float32 matmul peak measured in this process.
+
+`--check` re-runs the loop table and exits 1 when a config's tokens/s is more than `--margin`
+below the baseline recorded in docs/benchmarks.md (the `perf:baseline` line of the `bench:perf`
+section), so a change that slows training is caught by hand or by `make bench-check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import flax
+import jax
+import optax
+
+from benchmarks import harness
+from jaxbig.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- bench:perf:start -->", "<!-- bench:perf:end -->"
+BASELINE = re.compile(r"<!-- perf:baseline (\{.*?\}) -->")
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+SECTION_INTRO = """## Performance: tokens/s, model FLOP/s and start-up, against the hand-written step and the peers
+
+Written by `python scripts/bench.py --perf` (`benchmarks/perf.py`). Every jaxbig figure is the
+training loop as users run it (`scripts/train.py`), one process per row. `make bench-check`
+re-runs the table and fails when tokens/s drops more than 15% below the baseline recorded here.
+"""
+SKIP_STEPS = 2  # the first timed steps after the compile step (caches and allocator warming up)
+
+
+@dataclasses.dataclass
+class LoopRun:
+    config: str
+    mesh: str
+    tokens_per_step: int
+    flops_per_token: float
+    num_params: int
+    step_s: list[float]  # per step, from the loop's per-step tokens/s
+    first_call_s: float
+    compile_s: float
+    time_to_first_step_s: float
+    peak_rss_mib: float
+    final_loss: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / statistics.median(self.step_s)
+
+    def quantile_ms(self, q: float) -> float:
+        s = sorted(self.step_s)
+        return 1e3 * s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def config_path(name: str) -> Path:
+    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / f"{name}.yaml"
+
+
+def train_process(config: str, mesh: str, steps: int, cache_dir: Path, sets: list[str] = ()) -> LoopRun:
+    """One `scripts/train.py` run; its per-step times, start-up figures and peak RSS."""
+    cfg = load_config(config_path(config))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"perf-{Path(config).stem}-"))
+    devices = 1 if mesh == "1x1" else 8
+    overrides = [
+        "train.log_every=1",
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        "train.checkpoint_every=0",
+        f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}",
+        f"compile.cache_dir={cache_dir}",
+        *sets,
+    ]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config_path(config)), "--mesh", mesh, "--steps", str(steps)]
+    cmd += ["--run_dir", str(run_dir), "--fresh", "--no-progress"] + [a for o in overrides for a in ("--set", o)]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES; options from compile.xla_profile
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][SKIP_STEPS:]
+    if len(rates) < 3:
+        raise ValueError(f"--steps {steps} leaves {len(rates)} timed steps after the compile step and {SKIP_STEPS} warm-up steps; use --steps >= {SKIP_STEPS + 5}")
+    return LoopRun(
+        config=Path(config).stem,
+        mesh=mesh,
+        tokens_per_step=tokens,
+        flops_per_token=summary["flops_per_token"],
+        num_params=summary["num_params"],
+        step_s=[tokens / r for r in rates],
+        first_call_s=summary["first_call_s"],
+        compile_s=summary["compile_s"],
+        time_to_first_step_s=summary["time_to_first_step_s"],
+        peak_rss_mib=usage.ru_maxrss / 1024,
+        final_loss=summary["final_loss"],
+    )
+
+
+def peer_process(config: str, steps: int) -> dict | None:
+    """The PyTorch eager peer on `config`'s shape (None when .venv-peers is missing)."""
+    if not PEER_PYTHON.exists():
+        return None
+    cfg = load_config(config_path(config))
+    m = cfg.model
+    cmd = [str(PEER_PYTHON), str(ROOT / "benchmarks" / "peers" / "torch_llama.py")]
+    cmd += ["--d-model", str(m.d_model), "--layers", str(m.num_layers), "--heads", str(m.num_heads), "--kv-heads", str(m.num_kv_heads)]
+    cmd += ["--head-dim", str(m.head_dim), "--d-ff", str(m.d_ff), "--vocab", str(m.vocab_size), "--seq-len", str(cfg.data.seq_len)]
+    cmd += ["--batch", str(cfg.train.batch_size), "--steps", str(steps), "--threads", str(os.cpu_count())]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
+    rows = [
+        "| config | mesh | params | batch B×T | FLOPs/token | tokens/s | model GFLOP/s | MFU | step ms median (p10–p90) "
+        "| compile s | time to first step s | peak RSS MiB | loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        flops = r.tokens_per_s * r.flops_per_token
+        rows.append(
+            f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.tokens_per_step // load_config(config_path(r.config)).data.seq_len}×"
+            f"{load_config(config_path(r.config)).data.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
+            f"| {flops / peak:.3f} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
+            f"| {r.compile_s:.1f} | {r.time_to_first_step_s:.1f} | {r.peak_rss_mib:,.0f} | {r.final_loss:.3f} |"
+        )
+    return rows
+
+
+def mesh_ratios(runs: list[LoopRun]) -> list[str]:
+    by = {(r.config, r.mesh): r for r in runs}
+    out = []
+    for (config, mesh), r in by.items():
+        single = by.get((config, "1x1"))
+        if mesh != "1x1" and single:
+            out.append(f"{config}: {mesh} / 1x1 = {r.tokens_per_s / single.tokens_per_s:.3f}")
+    return out
+
+
+def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: dict[str, dict], peak: float) -> list[str]:
+    rows = [
+        "| shape | implementation | tokens/s | model GFLOP/s | MFU | vs jaxbig |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        if r.mesh != "1x1":
+            continue
+        base = r.tokens_per_s
+        entries = [("jaxbig (`scripts/train.py`, 1 device)", base)]
+        if r.config in hand:
+            entries.append(("hand-written JAX step (one `jax.jit`, same params and batches)", hand[r.config].median["handwritten"]))
+            entries.append(("jaxbig train step, same process and batches as the hand-written one", hand[r.config].median["jaxbig"]))
+        if peers.get(r.config):
+            p = peers[r.config]
+            entries.append((f"PyTorch {p['torch_version']} eager, {p['threads']} threads (`benchmarks/peers/torch_llama.py`)", p["tokens_per_s"]))
+        for name, rate in entries:
+            flops = rate * r.flops_per_token
+            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {flops / peak:.3f} | {base / rate:.2f}x |")
+    return rows
+
+
+def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[float, float]) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
+        f"Machine: {harness.machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
+        f"Measured matmul peak (2048² float32, one device): {peak / 1e9:.1f} GFLOP/s  ",
+        "",
+        "**jaxbig's training loop** (`scripts/train.py --config C --mesh M`, fresh compilation cache; per-step times from the loop, "
+        f"the first {SKIP_STEPS} after the compile step dropped):",
+        "",
+        *loop_table(runs, peak),
+        "",
+        "Same global batch on 8 emulated devices vs one device (tokens/s ratio; target ≥ 0.90): " + "; ".join(mesh_ratios(runs)) + "  ",
+    ]
+    if cold_warm:
+        cold, warm = cold_warm
+        lines.append(
+            f"Time to first step, `tiny` on 4x2 (process start to the first finished step, `make train`'s command): "
+            f"**{cold.time_to_first_step_s:.1f} s cold** (empty compilation cache; compile {cold.compile_s:.1f} s), "
+            f"**{warm.time_to_first_step_s:.1f} s warm** (second run, same cache; compile {warm.compile_s:.1f} s); target < 10 s warm."
+        )
+    lines += ["", "**Side by side, one device, same shapes** (model FLOPs by the same formula for all):", "", *side_by_side(runs, hand, peers, peak)]
+    if not any(peers.values()):
+        lines += ["", "PyTorch peer not run: `make bench-peers` builds `.venv-peers` (torch 2.13 CPU) first."]
+    baseline = {f"{r.config}@{r.mesh}": round(r.tokens_per_s) for r in runs}
+    lines += ["", f"<!-- perf:baseline {json.dumps(baseline)} -->"]
+    return "\n".join(lines)
+
+
+def read_baseline(path: Path = DOC) -> dict[str, float]:
+    text = path.read_text() if path.is_file() else ""
+    m = BASELINE.search(text)
+    if not m:
+        raise ValueError(f"no `perf:baseline` line in {path}; record one with `python scripts/bench.py --perf` first")
+    return json.loads(m.group(1))
+
+
+def check(runs: list[LoopRun], baseline: dict[str, float], margin: float) -> list[str]:
+    """Lines naming every run slower than (1 - margin) x its baseline; empty when none is."""
+    slow = []
+    for r in runs:
+        key = f"{r.config}@{r.mesh}"
+        if key in baseline and r.tokens_per_s < (1 - margin) * baseline[key]:
+            slow.append(f"{key}: {r.tokens_per_s:,.0f} tokens/s < {1 - margin:.2f} x baseline {baseline[key]:,.0f}")
+    return slow
+
+
+def main(args, command: str) -> int:
+    configs = args.config or ["tiny", "small", "d512"]
+    meshes = args.meshes or ["1x1", "4x2"]
+    steps = args.steps or 30
+    load_before = os.getloadavg()[0]
+    cache_root = Path(tempfile.mkdtemp(prefix="perf-xla-cache-"))
+    try:
+        runs = []
+        for i, config in enumerate(configs):
+            for mesh in meshes:
+                print(f"{config} on {mesh}: {steps} steps ...", flush=True)
+                runs.append(train_process(config, mesh, steps, cache_root / f"{i}-{mesh}"))
+                print(f"  {runs[-1].tokens_per_s:,.0f} tokens/s, first step after {runs[-1].time_to_first_step_s:.1f} s", flush=True)
+        if args.check:
+            baseline = read_baseline()
+            slow = check(runs, baseline, args.margin)
+            for r in runs:
+                key = f"{r.config}@{r.mesh}"
+                print(f"{key}: {r.tokens_per_s:,.0f} tokens/s (baseline {baseline.get(key, float('nan')):,.0f})")
+            if slow:
+                print("slower than the recorded baseline:\n  " + "\n  ".join(slow), file=sys.stderr)
+                return 1
+            print(f"no run more than {args.margin:.0%} below its baseline")
+            return 0
+        cold_warm = None
+        if "tiny" in configs:
+            print("tiny on 4x2, cold then warm compilation cache ...", flush=True)
+            cache = cache_root / "start-up"
+            cold_warm = (train_process("tiny", "4x2", 12, cache), train_process("tiny", "4x2", 12, cache))
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+
+    hand, peers = {}, {}
+    for config in configs:
+        print(f"{config}: hand-written step and jaxbig's step, alternating rounds ...", flush=True)
+        hand[config], _ = harness.bench_config(config, load_config(config_path(config)), steps=None, rounds=args.repeats)
+        print(f"{config}: PyTorch eager peer ...", flush=True)
+        peers[config] = peer_process(config, steps=max(10, steps))
+    peak = harness.measure_peak()
+    text = report(runs, cold_warm, hand, peers, peak, command=command, load=(load_before, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        harness.write_section(DOC, text, START, END, SECTION_INTRO)
+        print(f"wrote {DOC}")
+    return 0

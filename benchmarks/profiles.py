@@ -1,0 +1,142 @@
+"""Speed options one at a time against XLA's defaults: which pay on this machine, and what they do to the loss.
+
+    python scripts/bench.py --profiles [--config small d512] [--repeats 5] [--set model.dtype=bfloat16 ...]
+
+For each config, every variant (an XLA option profile from `jaxbig.xla_options`, or a model
+option: dot_product attention, unrolled layers, bf16 compute, remat) is built from the same
+seed, compiled in this process (one device), run 3 steps on the same batches to compare its loss
+with the default's, then timed in alternating rounds (the order reversed every round) so slow
+drifts in the machine's load hit every variant alike. `--set` overrides apply to every variant
+(e.g. measure the profiles on top of bf16). The measured best profile per backend is what
+`compile.xla_profile=auto` uses (`jaxbig.xla_options.AUTO`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness
+from benchmarks.perf import DOC, config_path
+from jaxbig.config import MeshConfig, load_config
+from jaxbig.data import batch_sharding, load_corpus, train_batches
+from jaxbig.optim import build_optimizer
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.train.state import init_train_state
+from jaxbig.train.step import jit_train_step, make_train_step
+from jaxbig.xla_options import AUTO, PROFILES, compiler_options
+
+START, END = "<!-- bench:profiles:start -->", "<!-- bench:profiles:end -->"
+SECTION_INTRO = """## Speed options: XLA CPU profiles, attention, layer scan, bf16, remat
+
+Written by `python scripts/bench.py --profiles` (`benchmarks/profiles.py`): each option alone
+against XLA's defaults on one device, compiled in one process and timed in alternating rounds;
+"loss Δ" is the loss after 3 identical steps minus the default's. Options are kept as defaults
+only where they pay here; every one stays switchable in the config.
+"""
+MODEL_OPTIONS = {  # variant -> overrides, on top of compile.xla_profile=default
+    "attention=dot_product": ["model.attention=dot_product"],
+    "scan_layers=false (unrolled)": ["model.scan_layers=false"],
+    "dtype=bfloat16": ["model.dtype=bfloat16"],
+    "remat=minimal": ["model.remat=minimal"],
+    "remat=full": ["model.remat=full"],
+}
+
+
+def variants(backend: str) -> dict[str, list[str]]:
+    out = {f"xla_profile={name}": [f"compile.xla_profile={name}"] for name in PROFILES.get(backend, {"default": {}})}
+    out.update({name: ["compile.xla_profile=default", *sets] for name, sets in MODEL_OPTIONS.items()})
+    return out
+
+
+def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> list[dict]:
+    backend = jax.default_backend()
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    base = load_config(config_path(config), sets)
+    B, T = base.train.batch_size, base.data.seq_len
+    corpus = load_corpus(base.data.paths, base.data.val_fraction, max_bytes=4 * 2**20)
+    stream = train_batches(corpus.train_BYTES, T, B, mesh, seed=0, prefetch=0)
+    warm = [next(stream) for _ in range(3)]
+    rows, states, compiled, one = [], {}, {}, 0.0
+    with jax.set_mesh(mesh):
+        for name, overrides in variants(backend).items():
+            cfg = load_config(config_path(config), [*sets, *overrides])
+            tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+            graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, 0)
+            step = jit_train_step(
+                make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T),
+                compiler_options=compiler_options(cfg.compile.xla_profile, backend),
+            )
+            t = time.perf_counter()
+            compiled[name] = step.lower(state, warm[0]).compile()
+            compile_s = time.perf_counter() - t
+            for batch in warm:
+                t = time.perf_counter()
+                state, metrics = compiled[name](state, batch)
+                jax.block_until_ready(state)
+                one = max(one, time.perf_counter() - t)  # the slowest variant's warm step sizes the rounds
+            states[name] = state
+            rows.append({"variant": name, "compile_s": compile_s, "loss": float(metrics["loss"]), "rates": []})
+            print(f"  {config} {name}: compiled in {compile_s:.1f} s, loss after 3 steps {rows[-1]['loss']:.6f}", flush=True)
+        steps = max(2, round(round_s / one))
+        batches = [next(stream) for _ in range(steps)]
+        for r in range(rounds):
+            for row in rows if r % 2 == 0 else rows[::-1]:
+                name, state = row["variant"], states[row["variant"]]
+                t = time.perf_counter()
+                for batch in batches:
+                    state, metrics = compiled[name](state, batch)
+                jax.block_until_ready(state)
+                row["rates"].append(steps * B * T / (time.perf_counter() - t))
+                states[name] = state
+    for row in rows:
+        row.update(config=config, steps=steps, median=statistics.median(row["rates"]), flops_per_token=base.model.flops_per_token(T))
+    return rows
+
+
+def table(rows: list[dict], peak: float) -> list[str]:
+    default = next(r for r in rows if r["variant"] == "xla_profile=default")
+    out = [
+        "| config | variant | tokens/s | × default | model GFLOP/s | MFU | rounds min–max | compile s | loss Δ after 3 steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        flops = r["median"] * r["flops_per_token"]
+        out.append(
+            f"| {r['config']} | {r['variant']} | {r['median']:,.0f} | **{r['median'] / default['median']:.3f}** | {flops / 1e9:.1f} "
+            f"| {flops / peak:.3f} | {min(r['rates']):,.0f}–{max(r['rates']):,.0f} | {r['compile_s']:.1f} | {r['loss'] - default['loss']:+.1e} |"
+        )
+    return out
+
+
+def main(args, command: str) -> int:
+    configs = args.config or ["small", "d512"]
+    load_before = os.getloadavg()[0]
+    rows = []
+    for config in configs:
+        print(f"{config}: compiling every variant, then {args.repeats} alternating rounds ...", flush=True)
+        rows += sweep(config, args.set, args.repeats)
+    peak = harness.measure_peak()
+    backend = jax.default_backend()
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}  ",
+        f"Machine: {harness.machine()}; 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s  ",
+        f"Method: one device; {args.repeats} alternating rounds of "
+        + ", ".join(f"{c}: {next(r['steps'] for r in rows if r['config'] == c)} steps" for c in configs)
+        + f"; medians. `compile.xla_profile=auto` on {backend} is `{AUTO.get(backend, 'default')}`.",
+        "",
+        *table(rows, peak),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        harness.write_section(DOC, text, START, END, SECTION_INTRO)
+        print(f"wrote {DOC}")
+    return 0

@@ -1,0 +1,92 @@
+"""XLA compiler option profiles per backend, and the persistent compilation cache.
+
+A profile is a dict of XLA `DebugOptions` fields passed to `jax.jit(..., compiler_options=...)`
+for the train and eval steps (`compile.xla_profile`). Options are set per compiled function, not
+through the process-wide `XLA_FLAGS`, so one process can compile and compare several profiles
+(`scripts/bench.py --profiles`). `auto` is the profile measured fastest on that backend
+(docs/benchmarks.md, section `bench:profiles`); `default` is XLA's own defaults.
+
+This module imports nothing heavy: the config checks profile names against it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# backend -> profile name -> options. Every profile here was measured by `scripts/bench.py --profiles`
+# on the backend it is listed under; its numerics are checked by tests/test_perf.py.
+_DOT, _ELTWISE, _REDUCE = "LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_ELTWISE", "LIBRARY_FUSION_TYPE_REDUCE"
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA:CPU's default: matmuls as YNNPACK fusions
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "default": {},  # YNNPACK fusions for the matmuls, XLA's own loops for the rest
+        "ynn_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_DOT},{_ELTWISE}"},  # elementwise ops into YNNPACK too
+        "ynn_all": {"xla_cpu_experimental_ynn_fusion_type": f"{_DOT},{_ELTWISE},{_REDUCE}"},
+        "eigen": _NO_YNN,  # no library fusions: XLA's own (Eigen) matmuls
+        "onednn": {**_NO_YNN, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": _DOT},  # oneDNN matmul fusions
+        "onednn_custom_call": {**_NO_YNN, "xla_cpu_experimental_onednn_custom_call": True},  # oneDNN matmuls as custom calls
+        "fast_math": {"xla_cpu_enable_fast_math": True},  # reassociation, approximate exp/log/tanh
+    },
+    "gpu": {"default": {}},
+    "tpu": {"default": {}},
+}
+# The profile `auto` resolves to, per backend (measured; see docs/benchmarks.md `bench:profiles`).
+AUTO: dict[str, str] = {"cpu": "default", "gpu": "default", "tpu": "default"}
+
+
+def profile_names() -> list[str]:
+    """Every name `compile.xla_profile` accepts: auto, then the profiles of all backends."""
+    names = ["auto"]
+    for profiles in PROFILES.values():
+        names += [n for n in profiles if n not in names]
+    return names
+
+
+def compiler_options(profile: str, backend: str) -> dict[str, Any]:
+    """The options of `profile` on `backend` ("cpu", "gpu" or "tpu"); `auto` picks the backend's measured best."""
+    table = PROFILES.get(backend, {"default": {}})
+    name = AUTO.get(backend, "default") if profile == "auto" else profile
+    if name not in table:
+        raise ValueError(
+            f"compile.xla_profile={profile!r} is not a profile for the {backend} backend; "
+            f"use auto or one of {', '.join(table)} (profiles are per backend, see jaxbig/xla_options.py)"
+        )
+    return dict(table[name])
+
+
+def enable_compilation_cache(cache_dir: str) -> Path | None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` (`~` expanded; "" leaves it off).
+
+    Every compiled step is cached, however quick its compile (JAX's default skips those under
+    1 s, which on CPU is most of them). A later run with the same program, options and jax
+    version loads the executable instead of compiling it. A directory already set for this
+    process (an earlier call, or the user's JAX_COMPILATION_CACHE_DIR) is kept.
+    """
+    if not cache_dir:
+        return None
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    path = Path(current) if current else Path(os.path.expanduser(cache_dir))
+    if not current:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _listening.append(True)
+    return path
+
+
+_listening: list[bool] = []
+CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+cache_stats = {"hits": 0, "misses": 0}  # this process's persistent-cache lookups, from JAX's monitoring events
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event in CACHE_EVENTS:
+        cache_stats[CACHE_EVENTS[event]] += 1

@@ -1,0 +1,97 @@
+"""Speed options: XLA profiles keep the numbers, the compilation cache is hit on a second run, the regression check fails."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbig.config import ConfigError, MeshConfig, load_config
+from jaxbig.xla_options import AUTO, PROFILES, compiler_options, profile_names
+from conftest import TINY_MODEL
+
+
+def test_bad_speed_options_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"compile.xla_profile='turbo': use one of auto, default, "):
+        load_config(None, ["compile.xla_profile=turbo"])
+    with pytest.raises(ConfigError, match=r"model.attention='flash': use einsum or dot_product"):
+        load_config(None, ["model.attention=flash"])
+    with pytest.raises(ValueError, match=r"compile.xla_profile='ynn_all' is not a profile for the gpu backend; use auto or one of default"):
+        compiler_options("ynn_all", "gpu")
+    assert "auto" in profile_names() and all(AUTO[b] in PROFILES[b] for b in AUTO)
+    assert compiler_options("auto", "cpu") == PROFILES["cpu"][AUTO["cpu"]]
+
+
+def _losses(profile: str, steps: int = 3) -> tuple[list[float], list[np.ndarray]]:
+    from jaxbig.data import batch_sharding
+    from jaxbig.optim import build_optimizer
+    from jaxbig.parallel.mesh import make_mesh
+    from jaxbig.train.state import init_train_state
+    from jaxbig.train.step import jit_train_step, make_train_step
+
+    cfg = load_config(None, TINY_MODEL)
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(steps, B, T + 1)), jnp.int32)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, 0)
+        step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T), compiler_options=compiler_options(profile, "cpu"))
+        losses = []
+        for i in range(steps):
+            state, metrics = step(state, {"inputs": tokens[i, :, :-1], "targets": tokens[i, :, 1:]})
+            losses.append(float(metrics["loss"]))
+    return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_every_cpu_profile_trains_the_same_model():
+    """Each profile changes how XLA compiles the step, not what it computes (within float32 reassociation)."""
+    want_losses, want_params = _losses("default")
+    for name in PROFILES["cpu"]:
+        if name == "default":
+            continue
+        losses, params = _losses(name)
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=name)
+        for a, b in zip(params, want_params):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+
+
+def test_second_run_loads_its_steps_from_the_compilation_cache(repo, tmp_path, text_dir):
+    """Two processes, one cache directory: the first compiles and stores, the second only loads."""
+    cache = tmp_path / "xla-cache"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the session's cache
+    summaries = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        cmd = [sys.executable, str(repo / "scripts" / "train.py"), "--mesh", "4x2", "--steps", "2", "--run_dir", str(run_dir), "--no-progress"]
+        for o in [*TINY_MODEL, f"data.paths={text_dir}", "data.val_fraction=0.2", "optim.warmup_steps=0", "train.eval_batches=1", f"compile.cache_dir={cache}"]:
+            cmd += ["--set", o]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
+        assert out.returncode == 0, out.stderr[-2000:]
+        summaries.append(json.loads((run_dir / "summary.json").read_text()))
+    first, second = (s["compilation_cache"] for s in summaries)
+    assert first["dir"] == second["dir"] == str(cache)
+    assert first["hits"] == 0 and first["misses"] >= 2  # at least the train and eval steps were compiled and stored
+    assert second["misses"] == 0 and second["hits"] >= first["misses"] - 1  # the same programs, loaded
+    for s in summaries:
+        assert s["time_to_first_step_s"] >= s["first_step_s"] > 0 and s["compile_s"] is not None
+
+
+def test_the_regression_check_fails_a_slow_run(tmp_path):
+    from benchmarks.perf import LoopRun, check, read_baseline
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text('text\n<!-- perf:baseline {"tiny@1x1": 8000, "small@4x2": 3000} -->\n')
+    baseline = read_baseline(doc)
+
+    def run(config, mesh, tokens_per_s):
+        return LoopRun(config, mesh, 2048, 1e6, 10**6, [2048 / tokens_per_s] * 5, 2.0, 1.0, 3.0, 500.0, 2.0)
+
+    assert check([run("tiny", "1x1", 7000), run("small", "4x2", 2900)], baseline, margin=0.15) == []
+    slow = check([run("tiny", "1x1", 6000), run("small", "4x2", 2900), run("d512", "1x1", 10)], baseline, margin=0.15)
+    assert slow == ["tiny@1x1: 6,000 tokens/s < 0.85 x baseline 8,000"]
+    with pytest.raises(ValueError, match="no `perf:baseline` line"):
+        read_baseline(tmp_path / "missing.md")
