@@ -76,7 +76,7 @@ def mlp(x_BTD: jax.Array, p: Params) -> jax.Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
     """Logits [B, T, V] in float32 for every position of `tokens_BT`."""
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(cfg.compute_dtype())
     T = tokens_BT.shape[1]
     sin_Tk, cos_Tk = rope_tables(T, cfg.head_dim, cfg.rope_theta)
     causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))

@@ -43,7 +43,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the output projection
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    dtype: str = "auto"  # compute dtype: float32, bfloat16 (params stay float32), or auto: the measured choice per backend (bfloat16 on GPU/TPU)
     param_dtype: str = "float32"  # storage dtype of the params
     remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
     attention: str = "einsum"  # einsum (written out; fastest on CPU) or dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
@@ -59,11 +59,23 @@ class ModelConfig:
             "grouped-query attention needs every KV head to serve the same number of query heads",
         )
         _require(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
-        _require(self.dtype in ("float32", "bfloat16"), f"model.dtype={self.dtype!r}: use float32 or bfloat16")
+        _require(self.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={self.dtype!r}: use auto, float32 or bfloat16")
         _require(self.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={self.param_dtype!r}: use float32 or bfloat16")
         _require(self.remat in ("none", "minimal", "dots", "full"), f"model.remat={self.remat!r}: use none, minimal (alias dots) or full")
         _require(self.attention in ("einsum", "dot_product"), f"model.attention={self.attention!r}: use einsum or dot_product")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+
+    def compute_dtype(self, backend: str | None = None) -> str:
+        """`dtype`, with auto resolved for `backend` (default: JAX's default backend) by `jaxbig.xla_options.AUTO_DTYPE`."""
+        if self.dtype != "auto":
+            return self.dtype
+        from jaxbig.xla_options import AUTO_DTYPE
+
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        return AUTO_DTYPE.get(backend, "float32")
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count, from the shapes (no allocation)."""

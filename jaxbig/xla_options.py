@@ -36,6 +36,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 # The profile `auto` resolves to, per backend (measured; see docs/benchmarks.md `bench:profiles`).
 AUTO: dict[str, str] = {"cpu": "default", "gpu": "default", "tpu": "default"}
 
+# Compute dtype for model.dtype=auto, per backend: bfloat16 where the hardware has fast bf16 matmuls
+# (GPU tensor cores, TPU MXU); on CPU the measured choice (docs/benchmarks.md `bench:profiles`).
+AUTO_DTYPE: dict[str, str] = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+
 
 def profile_names() -> list[str]:
     """Every name `compile.xla_profile` accepts: auto, then the profiles of all backends."""

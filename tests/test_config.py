@@ -51,7 +51,7 @@ def test_overrides_are_typed():
         (["model.num_heads=6", "model.num_kv_heads=4"], "model.num_heads=6 is not a multiple of model.num_kv_heads=4"),
         (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["optim.warmup_steps=50", "train.steps=10"], "optim.warmup_steps=50 exceeds train.steps=10"),
-        (["model.dtype=float16"], "model.dtype='float16': use float32 or bfloat16"),
+        (["model.dtype=float16"], "model.dtype='float16': use auto, float32 or bfloat16"),
         (["model.num_layers=0"], "model.num_layers=0 must be positive"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "only one axis may be -1"),
         (["model.head_dim=33"], "model.head_dim=33 must be even"),

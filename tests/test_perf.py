@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxbig.config import ConfigError, MeshConfig, load_config
-from jaxbig.xla_options import AUTO, PROFILES, compiler_options, profile_names
+from jaxbig.xla_options import AUTO, AUTO_DTYPE, PROFILES, compiler_options, profile_names
 from conftest import TINY_MODEL
 
 
@@ -23,6 +23,10 @@ def test_bad_speed_options_are_refused_by_name():
         compiler_options("ynn_all", "gpu")
     assert "auto" in profile_names() and all(AUTO[b] in PROFILES[b] for b in AUTO)
     assert compiler_options("auto", "cpu") == PROFILES["cpu"][AUTO["cpu"]]
+    model = load_config(None, []).model
+    assert model.dtype == "auto" and model.compute_dtype("gpu") == model.compute_dtype("tpu") == "bfloat16"
+    assert model.compute_dtype() == AUTO_DTYPE["cpu"]  # these tests run on the CPU backend
+    assert load_config(None, ["model.dtype=float32"]).model.compute_dtype("gpu") == "float32"  # an explicit dtype wins
 
 
 def _losses(profile: str, steps: int = 3) -> tuple[list[float], list[np.ndarray]]:

@@ -219,7 +219,7 @@ class Llama(nnx.Module):
         `jaxbig.parallel` builds for the mesh); decoding with a cache always scans.
         """
         cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
+        dt = jnp.dtype(cfg.compute_dtype())
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -259,5 +259,5 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
     if max_len > cfg.max_seq_len:
         raise ValueError(f"KV cache length {max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    dtype = jnp.dtype(dtype or cfg.compute_dtype())
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -56,8 +56,9 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
         import yaml
 
         old = config_from_dict(yaml.safe_load(saved.read_text()))
-        if old.model != cfg.model:
-            diff = {k: (getattr(old.model, k), getattr(cfg.model, k)) for k in dataclasses.asdict(cfg.model) if getattr(old.model, k) != getattr(cfg.model, k)}
+        was, now = _params_of(old.model), _params_of(cfg.model)
+        if was != now:
+            diff = {k: (getattr(was, k), getattr(now, k)) for k in dataclasses.asdict(now) if getattr(was, k) != getattr(now, k)}
             raise ConfigError(
                 f"run_dir {str(run_dir)!r} holds a run of a different model (changed: "
                 + ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -71,6 +72,14 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
             tmp.replace(saved)
         except OSError as e:
             raise ConfigError(f"run_dir {str(run_dir)!r} is not writable ({e.strerror or e}); choose a writable --run_dir") from None
+
+
+# How a model is computed, not what its params are: a run may resume with any of these changed.
+COMPUTE_OPTIONS = {"dtype": "float32", "remat": "none", "attention": "einsum", "scan_layers": True}
+
+
+def _params_of(model):
+    return dataclasses.replace(model, **COMPUTE_OPTIONS)
 
 
 def train(
