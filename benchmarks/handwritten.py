@@ -1,7 +1,7 @@
 """The same Llama, written by hand in plain JAX: the baseline `scripts/bench.py` holds jaxbig to.
 
-No Flax, no mesh, no sharding constraints: a function of a params pytree, `lax.scan` over
-the stacked layers, `value_and_grad`, optax, one `jax.jit` with donated buffers. The params
+No Flax, no mesh, no sharding constraints: a function of a params pytree, a loop over the
+stacked layers (`lax.scan`, unrolled unless `model.scan_layers`), `value_and_grad`, optax, one `jax.jit` with donated buffers. The params
 are the nested dict jaxbig's `nnx.to_pure_dict` gives (same names, same shapes, layers
 stacked on axis 0), so one initialisation feeds both, and both use the optimizer of
 `jaxbig.optim.build_optimizer`.
@@ -89,7 +89,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x_BTD, _ = jax.lax.scan(block, x_BTD, params["blocks"])
+    x_BTD, _ = jax.lax.scan(block, x_BTD, params["blocks"], unroll=not cfg.scan_layers)  # unrolled = a Python loop over the layers
 
     x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.norm_eps)
     if cfg.tie_embeddings:
@@ -105,8 +105,10 @@ def loss_fn(params: Params, cfg: ModelConfig, inputs_BT: jax.Array, targets_BT: 
     return jnp.mean(logz_BT - target_logit_BT)
 
 
-def make_step(cfg: ModelConfig, tx: optax.GradientTransformation):
-    """`step(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`, jitted, params and opt_state donated."""
+def make_step(cfg: ModelConfig, tx: optax.GradientTransformation, compiler_options: dict | None = None):
+    """`step(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`, jitted, params and opt_state donated.
+
+    `compiler_options`: XLA options for the jit (None: XLA's defaults, what a plain script gets)."""
 
     def step(params: Params, opt_state: optax.OptState, inputs_BT: jax.Array, targets_BT: jax.Array):
         loss, grads = jax.value_and_grad(loss_fn)(params, cfg, inputs_BT, targets_BT)
@@ -114,4 +116,4 @@ def make_step(cfg: ModelConfig, tx: optax.GradientTransformation):
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)

@@ -47,7 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the params
     remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
     attention: str = "einsum"  # einsum (written out; fastest on CPU) or dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
-    scan_layers: bool = True  # lax.scan over the stacked layers (compile time flat in depth); false unrolls them
+    scan_layers: bool = False  # false: layers unrolled (fastest at a few layers); true: lax.scan over them (compile time flat in depth)
     init_std: float = 0.02  # std of the normal init of every weight matrix
 
     def __post_init__(self):

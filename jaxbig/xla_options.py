@@ -34,7 +34,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "tpu": {"default": {}},
 }
 # The profile `auto` resolves to, per backend (measured; see docs/benchmarks.md `bench:profiles`).
-AUTO: dict[str, str] = {"cpu": "default", "gpu": "default", "tpu": "default"}
+AUTO: dict[str, str] = {"cpu": "ynn_all", "gpu": "default", "tpu": "default"}
 
 # Compute dtype for model.dtype=auto, per backend: bfloat16 where the hardware has fast bf16 matmuls
 # (GPU tensor cores, TPU MXU); on CPU the measured choice (docs/benchmarks.md `bench:profiles`).
