@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test bench setup clean-venv
+.PHONY: train test bench bench-perf bench-check setup clean-venv
 
 train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
@@ -15,6 +15,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# Training speed per config and mesh, start-up, and the peers; writes docs/benchmarks.md (about 15 min).
+bench-perf: $(STAMP)
+	$(PY) scripts/bench.py --perf
+
+# Fails when tokens/s falls more than 15% below the baseline recorded in docs/benchmarks.md.
+bench-check: $(STAMP)
+	$(PY) scripts/bench.py --perf --check
 
 setup: $(STAMP)
 
