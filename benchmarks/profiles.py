@@ -1,11 +1,11 @@
-"""Speed options one at a time against XLA's defaults: which pay on this machine, and what they do to the loss.
+"""Speed options one at a time against a baseline (XLA's defaults, scanned layers): which pay here, and what they do to the loss.
 
     python scripts/bench.py --profiles [--config small d512] [--repeats 5] [--set model.dtype=bfloat16 ...]
 
 For each config, every variant (an XLA option profile from `jaxbig.xla_options`, or a model
 option: dot_product attention, unrolled layers, bf16 compute, remat) is built from the same
 seed, compiled in this process (one device), run 3 steps on the same batches to compare its loss
-with the default's, then timed in alternating rounds (the order reversed every round) so slow
+with the baseline's, then timed in alternating rounds (the order reversed every round) so slow
 drifts in the machine's load hit every variant alike. `--set` overrides apply to every variant
 (e.g. measure the profiles on top of bf16). The measured best profile per backend is what
 `compile.xla_profile=auto` uses (`jaxbig.xla_options.AUTO`).
@@ -35,22 +35,34 @@ START, END = "<!-- bench:profiles:start -->", "<!-- bench:profiles:end -->"
 SECTION_INTRO = """## Speed options: XLA CPU profiles, attention, layer scan, bf16, remat
 
 Written by `python scripts/bench.py --profiles` (`benchmarks/profiles.py`): each option alone
-against XLA's defaults on one device, compiled in one process and timed in alternating rounds;
-"loss Δ" is the loss after 3 identical steps minus the default's. Options are kept as defaults
+against a baseline (XLA's default options, layers under `lax.scan`), then jaxbig's defaults with
+the options not taken added back; one device, compiled in one process and timed in alternating
+rounds. "loss Δ" is the loss after 3 identical steps minus the baseline's. Options are kept as defaults
 only where they pay here; every one stays switchable in the config.
 """
-MODEL_OPTIONS = {  # variant -> overrides, on top of compile.xla_profile=default
+BASELINE = "baseline: XLA defaults, scanned layers"
+MODEL_OPTIONS = {  # variant -> overrides, each alone on top of the baseline
     "attention=dot_product": ["model.attention=dot_product"],
     "scan_layers=false (unrolled)": ["model.scan_layers=false"],
     "dtype=bfloat16": ["model.dtype=bfloat16"],
     "remat=minimal": ["model.remat=minimal"],
     "remat=full": ["model.remat=full"],
 }
+ON_DEFAULTS = {  # the options not taken, once more on top of jaxbig's defaults
+    "defaults + dtype=bfloat16": ["model.dtype=bfloat16"],
+    "defaults + remat=minimal": ["model.remat=minimal"],
+    "defaults + attention=dot_product": ["model.attention=dot_product"],
+}
 
 
 def variants(backend: str) -> dict[str, list[str]]:
-    out = {f"xla_profile={name}": [f"compile.xla_profile={name}"] for name in PROFILES.get(backend, {"default": {}})}
-    out.update({name: ["compile.xla_profile=default", *sets] for name, sets in MODEL_OPTIONS.items()})
+    """Variant name -> config overrides. The first is the baseline every other is compared with."""
+    base = ["compile.xla_profile=default", "model.scan_layers=true"]
+    out = {BASELINE: base}
+    out.update({f"xla_profile={name}": [f"compile.xla_profile={name}", "model.scan_layers=true"] for name in PROFILES.get(backend, {}) if name != "default"})
+    out.update({name: [*base, *sets] for name, sets in MODEL_OPTIONS.items()})
+    out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, 'default')}, scan_layers=false)"] = []
+    out.update(ON_DEFAULTS)
     return out
 
 
@@ -100,9 +112,9 @@ def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> li
 
 
 def table(rows: list[dict], peak: float) -> list[str]:
-    default = next(r for r in rows if r["variant"] == "xla_profile=default")
+    default = next(r for r in rows if r["variant"] == BASELINE)
     out = [
-        "| config | variant | tokens/s | × default | model GFLOP/s | MFU | rounds min–max | compile s | loss Δ after 3 steps |",
+        "| config | variant | tokens/s | × baseline | model GFLOP/s | MFU | rounds min–max | compile s | loss Δ after 3 steps |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
