@@ -96,7 +96,7 @@ def bench_config(
 
     with jax.set_mesh(mesh):
         graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend())  # as the loop compiles it
+        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend(), cfg.model.compute_dtype())  # as the loop compiles it
         jaxbig_step = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T), compiler_options=xla)
     # Each hand-written step gets its own copy (all donate) as plain arrays committed to the
     # device, as a hand-written script would hold them; its outputs are placed the same way, so

@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import flax
@@ -56,6 +57,7 @@ Written by `python scripts/bench.py --perf` (`benchmarks/perf.py`). Every jaxbig
 training loop as users run it (`scripts/train.py`), one process per row. `make bench-check`
 re-runs the table and fails when tokens/s drops more than 15% below the baseline recorded here.
 """
+BF16_CONFIGS = ("small", "d512")  # also run with model.dtype=bfloat16 on one device
 SKIP_STEPS = 2  # the first timed steps after the compile step (caches and allocator warming up)
 
 
@@ -63,6 +65,8 @@ SKIP_STEPS = 2  # the first timed steps after the compile step (caches and alloc
 class LoopRun:
     config: str
     mesh: str
+    batch: int
+    seq_len: int
     tokens_per_step: int
     flops_per_token: float
     num_params: int
@@ -118,9 +122,12 @@ def train_process(config: str, mesh: str, steps: int, cache_dir: Path, sets: lis
     rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][SKIP_STEPS:]
     if len(rates) < 3:
         raise ValueError(f"--steps {steps} leaves {len(rates)} timed steps after the compile step and {SKIP_STEPS} warm-up steps; use --steps >= {SKIP_STEPS + 5}")
+    bf16 = "model.dtype=bfloat16" in sets
     return LoopRun(
-        config=Path(config).stem,
+        config=Path(config).stem + (" bf16" if bf16 else ""),
         mesh=mesh,
+        batch=cfg.train.batch_size,
+        seq_len=cfg.data.seq_len,
         tokens_per_step=tokens,
         flops_per_token=summary["flops_per_token"],
         num_params=summary["num_params"],
@@ -133,20 +140,70 @@ def train_process(config: str, mesh: str, steps: int, cache_dir: Path, sets: lis
     )
 
 
-def peer_process(config: str, steps: int) -> dict | None:
-    """The PyTorch eager peer on `config`'s shape (None when .venv-peers is missing)."""
-    if not PEER_PYTHON.exists():
-        return None
+def torch_peer(config: str, steps: int, extra: list[str] = ()) -> dict:
+    """The PyTorch eager peer (`benchmarks/peers/torch_llama.py` in .venv-peers) on `config`'s shape."""
     cfg = load_config(config_path(config))
     m = cfg.model
     cmd = [str(PEER_PYTHON), str(ROOT / "benchmarks" / "peers" / "torch_llama.py")]
     cmd += ["--d-model", str(m.d_model), "--layers", str(m.num_layers), "--heads", str(m.num_heads), "--kv-heads", str(m.num_kv_heads)]
     cmd += ["--head-dim", str(m.head_dim), "--d-ff", str(m.d_ff), "--vocab", str(m.vocab_size), "--seq-len", str(cfg.data.seq_len)]
-    cmd += ["--batch", str(cfg.train.batch_size), "--steps", str(steps), "--threads", str(os.cpu_count())]
+    cmd += ["--batch", str(cfg.train.batch_size), "--steps", str(steps), "--threads", str(os.cpu_count()), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["label"] = f"PyTorch {result['torch_version']} eager, {result['threads']} threads" + "".join(f" `{a}`" for a in extra)
+    return result
+
+
+MAXTEXT_STEP = re.compile(r"completed step: (\d+), seconds: ([\d.]+)")
+
+
+def maxtext_peer(python: str, config: str, steps: int) -> dict:
+    """MaxText's own trainer on `config`'s shape: one device, float32 activations, synthetic data, a fresh cache.
+
+    `python` is an interpreter where `pip install maxtext` was done (benchmarks/peers/maxtext.md);
+    nothing of MaxText is in this repository. Everything else is its default Llama block (remat
+    full, scanned layers). tokens/s from its per-step `seconds`, the first 3 steps dropped; time to
+    first step from starting the process to its `completed step: 0` line.
+    """
+    cfg = load_config(config_path(config))
+    m = cfg.model
+    base_yml = subprocess.run(
+        [python, "-c", "import maxtext, pathlib; print(pathlib.Path(maxtext.__file__).parent / 'configs' / 'base.yml')"],
+        capture_output=True, text=True,
+    )
+    if base_yml.returncode != 0:
+        raise RuntimeError(f"--maxtext-python {python}: cannot import maxtext ({base_yml.stderr.strip()[-300:]}); see benchmarks/peers/maxtext.md")
+    work = Path(tempfile.mkdtemp(prefix="perf-maxtext-"))
+    overrides = {
+        "run_name": "perf", "base_output_directory": str(work / "out"), "hardware": "cpu", "skip_jax_distributed_system": "true",
+        "dataset_type": "synthetic", "enable_checkpointing": "false", "enable_tensorboard": "false", "dtype": "float32",
+        "jax_cache_dir": str(work / "cache"), "base_emb_dim": m.d_model, "base_num_query_heads": m.num_heads,
+        "base_num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim, "base_mlp_dim": m.d_ff, "base_num_decoder_layers": m.num_layers,
+        "vocab_size": m.vocab_size, "max_target_length": cfg.data.seq_len, "per_device_batch_size": cfg.train.batch_size, "steps": steps,
+    }
+    cmd = [python, "-m", "maxtext.trainers.pre_train.train", base_yml.stdout.strip(), *(f"{k}={v}" for k, v in overrides.items())]
+    env = {**os.environ, "DECOUPLE_GCLOUD": "TRUE", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+    env.pop("XLA_FLAGS", None)
+    seconds, first = {}, None
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
+        log = []
+        for line in proc.stdout:
+            log.append(line)
+            hit = MAXTEXT_STEP.search(line)
+            if hit:
+                first = first if first is not None else time.perf_counter() - t0
+                seconds[int(hit.group(1))] = float(hit.group(2))
+        if proc.wait() != 0 or len(seconds) < 5:
+            raise RuntimeError(f"MaxText failed or logged {len(seconds)} steps:\n{''.join(log[-40:])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timed = [v for k, v in sorted(seconds.items()) if k >= 3]
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return {"label": "MaxText (pip `maxtext`), its default Llama block, float32 activations", "tokens_per_s": tokens / statistics.median(timed), "first_step_s": first}
 
 
 # --------------------------------------------------------------------------- report
@@ -161,8 +218,7 @@ def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
     for r in runs:
         flops = r.tokens_per_s * r.flops_per_token
         rows.append(
-            f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.tokens_per_step // load_config(config_path(r.config)).data.seq_len}×"
-            f"{load_config(config_path(r.config)).data.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
+            f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.batch}×{r.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
             f"| {flops / peak:.3f} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
             f"| {r.compile_s:.1f} | {r.time_to_first_step_s:.1f} | {r.peak_rss_mib:,.0f} | {r.final_loss:.3f} |"
         )
@@ -179,25 +235,25 @@ def mesh_ratios(runs: list[LoopRun]) -> list[str]:
     return out
 
 
-def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: dict[str, dict], peak: float) -> list[str]:
-    rows = [
-        "| shape | implementation | tokens/s | model GFLOP/s | MFU | vs jaxbig |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: dict[str, list[dict]], peak: float) -> list[str]:
+    """Per shape: jaxbig's loop (float32, bf16), the hand-written step, and each peer; ratios against jaxbig float32."""
+    rows = ["| shape | implementation | tokens/s | model GFLOP/s | MFU (f32 peak) | jaxbig f32 / this |", "|---|---|---:|---:|---:|---:|"]
     for r in runs:
-        if r.mesh != "1x1":
+        if r.mesh != "1x1" or r.config.endswith(" bf16"):
             continue
         base = r.tokens_per_s
-        entries = [("jaxbig (`scripts/train.py`, 1 device)", base)]
+        entries = [("jaxbig, float32 (`scripts/train.py`, 1 device)", base)]
+        bf16 = next((b for b in runs if b.config == f"{r.config} bf16" and b.mesh == "1x1"), None)
+        if bf16:
+            entries.append(("jaxbig, `model.dtype=bfloat16` (float32 params)", bf16.tokens_per_s))
         if r.config in hand:
-            entries.append(("hand-written JAX step (one `jax.jit`, same params and batches)", hand[r.config].median["handwritten"]))
-            entries.append(("jaxbig train step, same process and batches as the hand-written one", hand[r.config].median["jaxbig"]))
-        if peers.get(r.config):
-            p = peers[r.config]
-            entries.append((f"PyTorch {p['torch_version']} eager, {p['threads']} threads (`benchmarks/peers/torch_llama.py`)", p["tokens_per_s"]))
+            entries.append(("hand-written JAX step, same XLA options (in-process)", hand[r.config].median["handwritten"]))
+            entries.append(("hand-written JAX step, XLA defaults (in-process)", hand[r.config].median["handwritten-defaults"]))
+        for p in peers.get(r.config, []):
+            entries.append((p["label"], p["tokens_per_s"]))
         for name, rate in entries:
             flops = rate * r.flops_per_token
-            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {flops / peak:.3f} | {base / rate:.2f}x |")
+            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {flops / peak:.3f} | {base / rate:.2f} |")
     return rows
 
 
@@ -223,8 +279,12 @@ def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[floa
             f"**{warm.time_to_first_step_s:.1f} s warm** (second run, same cache; compile {warm.compile_s:.1f} s); target < 10 s warm."
         )
     lines += ["", "**Side by side, one device, same shapes** (model FLOPs by the same formula for all):", "", *side_by_side(runs, hand, peers, peak)]
-    if not any(peers.values()):
+    if not any(p["label"].startswith("PyTorch") for ps in peers.values() for p in ps):
         lines += ["", "PyTorch peer not run: `make bench-peers` builds `.venv-peers` (torch 2.13 CPU) first."]
+    for config, ps in peers.items():
+        for p in ps:
+            if p.get("first_step_s") is not None:
+                lines.append(f"{config}, {p['label']}: first step {p['first_step_s']:.1f} s after process start.  ")
     baseline = {f"{r.config}@{r.mesh}": round(r.tokens_per_s) for r in runs}
     lines += ["", f"<!-- perf:baseline {json.dumps(baseline)} -->"]
     return "\n".join(lines)
@@ -255,12 +315,13 @@ def main(args, command: str) -> int:
     load_before = os.getloadavg()[0]
     cache_root = Path(tempfile.mkdtemp(prefix="perf-xla-cache-"))
     try:
+        plan = [(config, mesh, []) for config in configs for mesh in meshes]
+        plan += [(config, mesh, ["model.dtype=bfloat16"]) for config in configs if config in BF16_CONFIGS for mesh in meshes if mesh == "1x1"]
         runs = []
-        for i, config in enumerate(configs):
-            for mesh in meshes:
-                print(f"{config} on {mesh}: {steps} steps ...", flush=True)
-                runs.append(train_process(config, mesh, steps, cache_root / f"{i}-{mesh}"))
-                print(f"  {runs[-1].tokens_per_s:,.0f} tokens/s, first step after {runs[-1].time_to_first_step_s:.1f} s", flush=True)
+        for i, (config, mesh, sets) in enumerate(plan):
+            print(f"{config} {' '.join(sets)} on {mesh}: {steps} steps ...", flush=True)
+            runs.append(train_process(config, mesh, steps, cache_root / str(i), sets))
+            print(f"  {runs[-1].tokens_per_s:,.0f} tokens/s, first step after {runs[-1].time_to_first_step_s:.1f} s", flush=True)
         if args.check:
             baseline = read_baseline()
             slow = check(runs, baseline, args.margin)
@@ -284,8 +345,14 @@ def main(args, command: str) -> int:
     for config in configs:
         print(f"{config}: hand-written step and jaxbig's step, alternating rounds ...", flush=True)
         hand[config], _ = harness.bench_config(config, load_config(config_path(config)), steps=None, rounds=args.repeats)
-        print(f"{config}: PyTorch eager peer ...", flush=True)
-        peers[config] = peer_process(config, steps=max(10, steps))
+        peers[config] = []
+        if PEER_PYTHON.exists():
+            for extra in ([], ["--dtype", "bfloat16"]):
+                print(f"{config}: PyTorch eager peer {' '.join(extra)} ...", flush=True)
+                peers[config].append(torch_peer(config, max(10, steps), extra))
+        if args.maxtext_python and config in ("small", "d512"):
+            print(f"{config}: MaxText ...", flush=True)
+            peers[config].append(maxtext_peer(args.maxtext_python, config, 15))
     peak = harness.measure_peak()
     text = report(runs, cold_warm, hand, peers, peak, command=command, load=(load_before, os.getloadavg()[0]))
     print(text)

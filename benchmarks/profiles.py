@@ -49,7 +49,7 @@ MODEL_OPTIONS = {  # variant -> overrides, each alone on top of the baseline
     "remat=full": ["model.remat=full"],
 }
 ON_DEFAULTS = {  # the options not taken, once more on top of jaxbig's defaults
-    "defaults + dtype=bfloat16": ["model.dtype=bfloat16"],
+    f"defaults + dtype=bfloat16 (xla_profile=auto = {AUTO.get('cpu', {}).get('bfloat16')} on CPU)": ["model.dtype=bfloat16"],
     "defaults + remat=minimal": ["model.remat=minimal"],
     "defaults + attention=dot_product": ["model.attention=dot_product"],
 }
@@ -61,7 +61,7 @@ def variants(backend: str) -> dict[str, list[str]]:
     out = {BASELINE: base}
     out.update({f"xla_profile={name}": [f"compile.xla_profile={name}", "model.scan_layers=true"] for name in PROFILES.get(backend, {}) if name != "default"})
     out.update({name: [*base, *sets] for name, sets in MODEL_OPTIONS.items()})
-    out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, 'default')}, scan_layers=false)"] = []
+    out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, {}).get('float32', 'default')}, scan_layers=false)"] = []
     out.update(ON_DEFAULTS)
     return out
 
@@ -82,7 +82,7 @@ def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> li
             graphdef, state, shardings, _ = init_train_state(cfg.model, tx, mesh, 0)
             step = jit_train_step(
                 make_train_step(graphdef, tx, schedule), shardings, batch_sharding(mesh, B, T),
-                compiler_options=compiler_options(cfg.compile.xla_profile, backend),
+                compiler_options=compiler_options(cfg.compile.xla_profile, backend, cfg.model.compute_dtype(backend)),
             )
             t = time.perf_counter()
             compiled[name] = step.lower(state, warm[0]).compile()
@@ -142,7 +142,7 @@ def main(args, command: str) -> int:
         f"matmul peak {peak / 1e9:.1f} GFLOP/s  ",
         f"Method: one device; {args.repeats} alternating rounds of "
         + ", ".join(f"{c}: {next(r['steps'] for r in rows if r['config'] == c)} steps" for c in configs)
-        + f"; medians. `compile.xla_profile=auto` on {backend} is `{AUTO.get(backend, 'default')}`.",
+        + f"; medians. `compile.xla_profile=auto` on {backend} is `{AUTO.get(backend, {})}` by compute dtype.",
         "",
         *table(rows, peak),
     ]

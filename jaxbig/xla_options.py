@@ -33,11 +33,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "gpu": {"default": {}},
     "tpu": {"default": {}},
 }
-# The profile `auto` resolves to, per backend (measured; see docs/benchmarks.md `bench:profiles`).
-AUTO: dict[str, str] = {"cpu": "ynn_all", "gpu": "default", "tpu": "default"}
-
+# The profile `auto` resolves to, per backend and compute dtype (measured; docs/benchmarks.md
+# `bench:profiles`). On CPU, float32 matmuls are fastest as YNNPACK fusions; bfloat16 ones through
+# oneDNN, which uses AMX / AVX512-BF16 where the CPU has them (YNNPACK's bf16 path does not).
+AUTO: dict[str, dict[str, str]] = {
+    "cpu": {"float32": "ynn_all", "bfloat16": "onednn"},
+    "gpu": {"float32": "default", "bfloat16": "default"},
+    "tpu": {"float32": "default", "bfloat16": "default"},
+}
 # Compute dtype for model.dtype=auto, per backend: bfloat16 where the hardware has fast bf16 matmuls
-# (GPU tensor cores, TPU MXU); on CPU the measured choice (docs/benchmarks.md `bench:profiles`).
+# (GPU tensor cores, TPU MXU). CPU stays float32: bf16 pays only on CPUs with AMX or AVX512-BF16 and
+# changes the numerics every equivalence test pins; set model.dtype=bfloat16 there (README, Speed).
 AUTO_DTYPE: dict[str, str] = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 
 
@@ -49,10 +55,10 @@ def profile_names() -> list[str]:
     return names
 
 
-def compiler_options(profile: str, backend: str) -> dict[str, Any]:
-    """The options of `profile` on `backend` ("cpu", "gpu" or "tpu"); `auto` picks the backend's measured best."""
+def compiler_options(profile: str, backend: str, dtype: str = "float32") -> dict[str, Any]:
+    """The options of `profile` on `backend` ("cpu", "gpu" or "tpu"); `auto` picks the measured best for the compute `dtype`."""
     table = PROFILES.get(backend, {"default": {}})
-    name = AUTO.get(backend, "default") if profile == "auto" else profile
+    name = AUTO.get(backend, {}).get(dtype, "default") if profile == "auto" else profile
     if name not in table:
         raise ValueError(
             f"compile.xla_profile={profile!r} is not a profile for the {backend} backend; "

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meshes", nargs="+", default=None, help="--perf: meshes to run (default: 1x1 4x2)")
     parser.add_argument("--check", action="store_true", help="--perf: compare with the recorded baseline; exit 1 on a regression")
     parser.add_argument("--margin", type=float, default=0.15, help="--perf --check: allowed shortfall below the baseline (default 0.15)")
+    parser.add_argument("--maxtext-python", default=None, metavar="PYTHON", help="--perf: an interpreter with `pip install maxtext` (benchmarks/peers/maxtext.md) to run MaxText beside jaxbig")
     parser.add_argument("--profiles", action="store_true", help="XLA option profiles and speed options, one by one against the defaults")
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")

@@ -21,8 +21,9 @@ def test_bad_speed_options_are_refused_by_name():
         load_config(None, ["model.attention=flash"])
     with pytest.raises(ValueError, match=r"compile.xla_profile='ynn_all' is not a profile for the gpu backend; use auto or one of default"):
         compiler_options("ynn_all", "gpu")
-    assert "auto" in profile_names() and all(AUTO[b] in PROFILES[b] for b in AUTO)
-    assert compiler_options("auto", "cpu") == PROFILES["cpu"][AUTO["cpu"]]
+    assert "auto" in profile_names() and all(name in PROFILES[b] for b in AUTO for name in AUTO[b].values())
+    assert compiler_options("auto", "cpu") == PROFILES["cpu"][AUTO["cpu"]["float32"]]
+    assert compiler_options("auto", "cpu", "bfloat16") == PROFILES["cpu"][AUTO["cpu"]["bfloat16"]]
     model = load_config(None, []).model
     assert model.dtype == "auto" and model.compute_dtype("gpu") == model.compute_dtype("tpu") == "bfloat16"
     assert model.compute_dtype() == AUTO_DTYPE["cpu"]  # these tests run on the CPU backend

@@ -124,7 +124,7 @@ def train(
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
             step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
-        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend())
+        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend(), cfg.model.compute_dtype())
         train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None, compiler_options=xla)
         eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None, compiler_options=xla)
         say = tqdm.write if progress else print
