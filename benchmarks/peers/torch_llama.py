@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
         "peer": "pytorch-eager",
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": {**{k: v for k, v in vars(s).items()}, "seq_len": T, "batch": B, "lr": args.lr, "lr_warmup": args.lr_warmup},
+        "config": {**vars(s), "seq_len": T, "batch": B, "lr": args.lr, "lr_warmup": args.lr_warmup},
         "data": f"python stdlib source bytes ({len(data) / 2**20:.1f} MiB), random windows",
         "num_params": n_params,
         "tokens_per_s": tokens_per_s,
