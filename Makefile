@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test bench bench-perf bench-check setup clean-venv
+.PHONY: train test bench bench-perf bench-check bench-peers setup clean-venv
 
 train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
@@ -16,8 +16,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py
 
-# Training speed per config and mesh, start-up, and the peers; writes docs/benchmarks.md (about 15 min).
-bench-perf: $(STAMP)
+# Training speed per config and mesh, start-up, and the PyTorch peer; writes docs/benchmarks.md (about 20 min).
+bench-perf: $(STAMP) $(PEERS_VENV)/.installed
 	$(PY) scripts/bench.py --perf
 
 # Fails when tokens/s falls more than 15% below the baseline recorded in docs/benchmarks.md.
@@ -25,6 +25,29 @@ bench-check: $(STAMP)
 	$(PY) scripts/bench.py --perf --check
 
 setup: $(STAMP)
+
+# PyTorch eager trains the same Llama (benchmarks/peers/README.md); its own venv, not part of CI.
+# torch is pinned: an unpinned `pip install torch` pulls the CUDA build (GBs).
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_OUT := runs/peers
+# python3.11: a torch 2.13.0 CPU wheel exists for it.
+PEERS_PYTHON ?= python3.11
+PEERS_THREADS ?= 2
+PEERS_STEPS ?= 30
+
+$(PEERS_VENV)/.installed:
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet 'torch==2.13.0' numpy
+	@touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) benchmarks/peers/torch_llama.py --d-model 256 --layers 4 --heads 4 --kv-heads 4 --head-dim 64 --d-ff 768 \
+	  --vocab 256 --seq-len 256 --batch 16 --lr 2e-3 --lr-warmup 30 --steps $(PEERS_STEPS) --warmup-steps 3 \
+	  --threads $(PEERS_THREADS) --json $(PEERS_OUT)/torch_d256.json
+	$(PEERS_PY) benchmarks/peers/torch_llama.py --d-model 512 --layers 4 --heads 8 --kv-heads 8 --head-dim 64 --d-ff 1536 \
+	  --vocab 256 --seq-len 256 --batch 8 --steps $(PEERS_STEPS) --warmup-steps 3 \
+	  --threads $(PEERS_THREADS) --json $(PEERS_OUT)/torch_d512.json
 
 $(PY):
 	@py=""; \
