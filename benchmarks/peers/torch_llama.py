@@ -212,6 +212,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-warmup", type=int, default=20, help="learning-rate warmup steps (jaxbig's default)")
     p.add_argument("--data-mib", type=float, default=4.0, help="MiB of stdlib source to draw windows from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="compute dtype: bfloat16 runs the forward under torch.autocast('cpu') (params, grads and AdamW stay float32), "
+        "PyTorch's mixed precision, as jaxbig's model.dtype=bfloat16",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     return p.parse_args(argv)
 
@@ -243,8 +248,9 @@ def main(argv=None) -> dict:
 
     def step(batch_BT1: torch.Tensor) -> float:
         inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        logits_BTV = model(inputs_BT)
-        loss = F.cross_entropy(logits_BTV.reshape(-1, s.vocab_size), targets_BT.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            logits_BTV = model(inputs_BT)
+        loss = F.cross_entropy(logits_BTV.float().reshape(-1, s.vocab_size), targets_BT.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -272,7 +278,7 @@ def main(argv=None) -> dict:
         "peer": "pytorch-eager",
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": {**vars(s), "seq_len": T, "batch": B, "lr": args.lr, "lr_warmup": args.lr_warmup},
+        "config": {**vars(s), "seq_len": T, "batch": B, "lr": args.lr, "lr_warmup": args.lr_warmup, "dtype": args.dtype},
         "data": f"python stdlib source bytes ({len(data) / 2**20:.1f} MiB), random windows",
         "num_params": n_params,
         "tokens_per_s": tokens_per_s,
