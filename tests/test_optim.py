@@ -331,3 +331,113 @@ def test_wrong_combinations_fail_with_a_clear_message():
     grads = {"w": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match="inside jax.shard_map over 'data'"):
         tx.update(grads, tx.init(grads))
+
+
+# --------------------------------------------------------------------------- warm-up phases: exact first, then compressed / local
+
+
+def test_compression_start_step_is_exact_then_plain_powersgd():
+    """Before optim.compression_start_step the step is the `none` step bit for bit, the compressor's state untouched;
+    after it, the step is plain PowerSGD's from that state. The compiled step holds both paths' bytes."""
+    base = dict(warmup_steps=0, eps=1e-4)
+    psgd = dict(base, compression="powersgd", powersgd_rank=2)
+    warm = _compile(SMALL, "8", OptimConfig(**psgd, compression_start_step=2))
+    none = _compile(SMALL, "8", OptimConfig(**base), exact=True)
+    plain = _compile(SMALL, "8", OptimConfig(**psgd))
+    # The bytes: both branches are in one conditional; the exact one equals `none`, the other plain PowerSGD.
+    assert warm.data_bytes(conditional=False) == 0
+    assert warm.data_bytes(conditional=True) == pytest.approx(none.data_bytes() + plain.data_bytes(), rel=1e-6)
+    assert none.data_bytes() / plain.data_bytes() >= 10
+    # Before the start step: the none step, bit for bit, and the compressor's state as init left it.
+    w, n = warm.fresh(), none.fresh()
+    for i in range(2):
+        w, w_metrics = warm.step(w, warm.batches[i])
+        n, n_metrics = none.step(n, none.batches[i])
+        np.testing.assert_array_equal(w_metrics["loss"], n_metrics["loss"])
+    for a, b in zip(jax.tree.leaves((w.params, w.opt_state[1:])), jax.tree.leaves((n.params, n.opt_state[1:]))):
+        np.testing.assert_array_equal(a, b)
+    switch = w.opt_state[0]
+    assert int(switch.count) == 2
+    for a, b in zip(jax.tree.leaves(switch.inner), jax.tree.leaves(warm.state.opt_state[0].inner)):
+        np.testing.assert_array_equal(a, b)  # zero residuals, the initial Q
+    # From the start step on: plain PowerSGD from that state (its compressor state is the warm-up's inner state).
+    p = dataclasses.replace(w, opt_state=(switch.inner, *w.opt_state[1:]))
+    p = jax.tree.map(lambda x: x.copy(), p)
+    for i in range(2, 4):
+        w, w_metrics = warm.step(w, warm.batches[i % 3])
+        p, p_metrics = plain.step(p, plain.batches[i % 3])
+        np.testing.assert_array_equal(w_metrics["loss"], p_metrics["loss"])
+    assert int(w.opt_state[0].count) == 4
+    assert _max_diff(w.params, p.params) < 1e-6
+    assert _max_diff(w.opt_state[0].inner, p.opt_state[0]) < 1e-6
+    assert float(jnp.abs(w.opt_state[0].inner.residual.value["lm_head_DV"]).max()) > 0  # error feedback has begun
+
+
+def test_diloco_local_start_step_is_synchronous_then_plain_diloco():
+    """Post-local SGD: synchronous steps before optim.local_start_step (the replicas' mean gradient, replicas kept at the
+    outer params), then DiLoCo as if started from that model and optimizer state."""
+    base = dict(warmup_steps=0, eps=1e-4)
+    post = _compile(SMALL, "8", OptimConfig(**base, outer="diloco", sync_every=2, local_start_step=2))
+    sync = _compile(SMALL, "8", OptimConfig(**base))
+    local = _compile(SMALL, "8", OptimConfig(**base, outer="diloco", sync_every=2))
+    n_params = SMALL.num_params()
+    assert post.data_bytes(conditional=False) == 0
+    assert post.data_bytes(conditional=True) == pytest.approx(2 * n_params * 4 * 2 * 7 / 8, rel=1e-3)  # the mean gradient + the delta
+    assert local.data_bytes(conditional=True) == pytest.approx(n_params * 4 * 2 * 7 / 8, rel=1e-3)
+    a, s = post.fresh(), sync.fresh()
+    for i in range(2):
+        a, a_metrics = post.step(a, post.batches[i])
+        s, s_metrics = sync.step(s, sync.batches[i])
+        assert float(np.mean(a_metrics["loss"])) == pytest.approx(float(np.mean(s_metrics["loss"])), abs=1e-5)
+        assert _max_diff(a.params, s.params) < 1e-5  # synchronous training (a mean of means: rounding differs)
+        replicas = a.opt_state.replica.value[0]
+        for name in ("lm_head_DV", "embed_VD"):
+            np.testing.assert_array_equal(replicas[name][0], replicas[name][7])
+            np.testing.assert_array_equal(replicas[name][0], a.params[name])
+    assert _max_diff(a.opt_state.sync, s.opt_state) < 1e-5  # the inner AdamW state is the synchronous one
+    # From the start step on: DiLoCo started from that state.
+    b = jax.tree.map(lambda x: x.copy(), dataclasses.replace(a, opt_state=a.opt_state._replace(sync=optax.EmptyState())))
+    outer = jax.device_get(a.params)
+    for i in range(2, 4):
+        a, a_metrics = post.step(a, post.batches[i % 3])
+        b, b_metrics = local.step(b, local.batches[i % 3])
+        np.testing.assert_array_equal(a_metrics["loss"], b_metrics["loss"])
+        if i == 2:
+            assert _max_diff(a.params, outer) == 0  # the outer params wait for the sync
+    assert _max_diff(a.params, outer) > 0
+    assert _max_diff(a.params, b.params) < 1e-6
+    assert _max_diff(a.opt_state.replica, b.opt_state.replica) < 1e-6
+
+
+def test_warmup_phases_fail_with_a_clear_message():
+    with pytest.raises(ConfigError, match=r"optim.compression_start_step=300 is not before train.steps=300, so it would never take effect"):
+        Config(optim=OptimConfig(compression="powersgd", compression_start_step=300), train=TrainConfig(steps=300))
+    with pytest.raises(ConfigError, match=r"optim.compression_start_step=10 delays compression, but optim.compression=none"):
+        OptimConfig(compression_start_step=10)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=12 is not a multiple of optim.sync_every=8.*use 8 or 16"):
+        OptimConfig(outer="diloco", local_start_step=12)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=8 delays DiLoCo's local steps, but optim.outer='none'"):
+        OptimConfig(local_start_step=8)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=64 is not before train.steps=64"):
+        Config(optim=OptimConfig(outer="diloco", local_start_step=64), train=TrainConfig(steps=64))
+
+
+def test_frozen_variance_adam_is_adam_until_the_freeze_step():
+    from jaxbig.optim import scale_by_adam_frozen_variance
+
+    rng = np.random.default_rng(0)
+    grads = [{"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)} for _ in range(4)]
+    adam, frozen = optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8), scale_by_adam_frozen_variance(0.9, 0.95, 1e-8, freeze_step=2)
+    a_state = f_state = adam.init(grads[0])
+    for i, g in enumerate(grads):
+        a_out, a_state = adam.update(g, a_state)
+        f_out, f_state = frozen.update(g, f_state)
+        if i < 2:
+            np.testing.assert_allclose(f_out["w"], a_out["w"], rtol=1e-6)
+            nu_at_freeze = f_state.nu["w"]
+    np.testing.assert_array_equal(f_state.nu["w"], nu_at_freeze)  # no update after the freeze step
+    np.testing.assert_array_equal(f_state.mu["w"], a_state.mu["w"])  # the momentum goes on
+    want = a_state.mu["w"] / (1 - 0.9**4) / (jnp.sqrt(nu_at_freeze / (1 - 0.95**2)) + 1e-8)
+    np.testing.assert_allclose(f_out["w"], want, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"optim.freeze_variance_step=10 freezes Adam's second moment, but optim.optimizer='sgd'"):
+        OptimConfig(optimizer="sgd", freeze_variance_step=10)
