@@ -175,7 +175,6 @@ class OptimConfig:
     topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
     error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
     compression_start_step: int = 0  # compression: exact f32 all-reduce for steps before this one, then compress (0: from the first)
-    freeze_variance_step: int = 0  # adamw: Adam's second moment stops updating at this step, as 1-bit Adam at its compression start (0: never)
     outer: str = "none"  # none, or diloco: local steps per data replica with an outer Nesterov step
     sync_every: int = 8  # diloco: H, inner steps between synchronisations
     outer_learning_rate: float = 0.8  # diloco: outer learning rate on the averaged delta (paper, H=500: 0.7)
@@ -218,12 +217,6 @@ class OptimConfig:
             self.compression_start_step == 0 or self.compression != "none",
             f"optim.compression_start_step={self.compression_start_step} delays compression, but optim.compression=none; "
             "set a compression method or the start step back to 0",
-        )
-        _require(self.freeze_variance_step >= 0, f"optim.freeze_variance_step={self.freeze_variance_step} must be >= 0")
-        _require(
-            self.freeze_variance_step == 0 or self.optimizer == "adamw",
-            f"optim.freeze_variance_step={self.freeze_variance_step} freezes Adam's second moment, but optim.optimizer="
-            f"{self.optimizer!r}; use adamw or set it back to 0",
         )
         _require(self.local_start_step >= 0, f"optim.local_start_step={self.local_start_step} must be >= 0")
         _require(
@@ -354,7 +347,6 @@ class Config:
         steps = (
             ("compression_start_step", self.optim.compression_start_step),
             ("local_start_step", self.optim.local_start_step),
-            ("freeze_variance_step", self.optim.freeze_variance_step),
         )
         for name, start in steps:
             _require(

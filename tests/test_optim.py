@@ -420,24 +420,3 @@ def test_warmup_phases_fail_with_a_clear_message():
         OptimConfig(local_start_step=8)
     with pytest.raises(ConfigError, match=r"optim.local_start_step=64 is not before train.steps=64"):
         Config(optim=OptimConfig(outer="diloco", local_start_step=64), train=TrainConfig(steps=64))
-
-
-def test_frozen_variance_adam_is_adam_until_the_freeze_step():
-    from jaxbig.optim import scale_by_adam_frozen_variance
-
-    rng = np.random.default_rng(0)
-    grads = [{"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)} for _ in range(4)]
-    adam, frozen = optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8), scale_by_adam_frozen_variance(0.9, 0.95, 1e-8, freeze_step=2)
-    a_state = f_state = adam.init(grads[0])
-    for i, g in enumerate(grads):
-        a_out, a_state = adam.update(g, a_state)
-        f_out, f_state = frozen.update(g, f_state)
-        if i < 2:
-            np.testing.assert_allclose(f_out["w"], a_out["w"], rtol=1e-6)
-            nu_at_freeze = f_state.nu["w"]
-    np.testing.assert_array_equal(f_state.nu["w"], nu_at_freeze)  # no update after the freeze step
-    np.testing.assert_array_equal(f_state.mu["w"], a_state.mu["w"])  # the momentum goes on
-    want = a_state.mu["w"] / (1 - 0.9**4) / (jnp.sqrt(nu_at_freeze / (1 - 0.95**2)) + 1e-8)
-    np.testing.assert_allclose(f_out["w"], want, rtol=1e-6)
-    with pytest.raises(ConfigError, match=r"optim.freeze_variance_step=10 freezes Adam's second moment, but optim.optimizer='sgd'"):
-        OptimConfig(optimizer="sgd", freeze_variance_step=10)

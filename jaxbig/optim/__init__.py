@@ -10,7 +10,6 @@ the chain, or the DiLoCo wrapper around the whole optimizer.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbig.config import Config, ConfigError, OptimConfig
@@ -52,40 +51,8 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def scale_by_adam_frozen_variance(b1: float, b2: float, eps: float, freeze_step: int) -> optax.GradientTransformation:
-    """`optax.scale_by_adam` whose second moment stops updating after `freeze_step` updates.
-
-    1-bit Adam (Tang et al. 2021, arXiv 2102.02888): after an uncompressed warm-up Adam's
-    variance is stable, so it is frozen and Adam becomes momentum SGD with a fixed diagonal
-    preconditioner, linear in the gradient. Error feedback then works as for SGD: what
-    compression drops now is applied later with the same scale. Adam's per-coordinate
-    normalisation by a variance of compressed gradients would not keep that promise.
-    """
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-
-    def update(updates, state, params=None):
-        del params
-        count = optax.safe_int32_increment(state.count)
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-        frozen = state.count >= freeze_step
-        nu = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.nu, nu)
-        mu_hat = optax.tree.bias_correction(mu, b1, count)
-        nu_hat = optax.tree.bias_correction(nu, b2, jnp.minimum(count, freeze_step))
-        scaled = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-        return scaled, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(adam.init, update)
-
-
 def base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     """The update rule alone (no clipping, no compression)."""
-    if cfg.optimizer == "adamw" and cfg.freeze_variance_step:
-        return optax.chain(
-            scale_by_adam_frozen_variance(cfg.b1, cfg.b2, cfg.eps, cfg.freeze_variance_step),
-            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-            optax.scale_by_learning_rate(schedule),
-        )
     if cfg.optimizer == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.optimizer == "lion":
@@ -252,6 +219,5 @@ __all__ = [
     "matrix_views",
     "nonfinite_metrics",
     "optimizer_for",
-    "scale_by_adam_frozen_variance",
     "uses_data_parallel_step",
 ]

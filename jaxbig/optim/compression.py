@@ -25,6 +25,9 @@ checkpointed with the rest of the optimizer state.
 | powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
 | sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
 
+`after_exact_steps` (`optim.compression_start_step`) sends the exact all-reduce for a number of
+steps first and switches to any of these in the compiled step (a `lax.cond`).
+
 The 16-bit words are bf16 values bit-cast to uint16: XLA's CPU backend computes bf16
 collectives in f32 (4 bytes on the wire), while all-to-all and all-gather only move bits.
 Under tensor parallelism (`shard_specs`), bf16, int8, topk and sign work on each device's own
