@@ -292,7 +292,7 @@ def test_diloco_communicates_every_h_steps_only():
             np.testing.assert_array_equal(replicas[0], state.params["lm_head_DV"])
 
 
-def test_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
+def test_post_local_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
     from jaxbig.train.loop import train
     from jaxbig.train.restore import load_params
 
@@ -301,7 +301,7 @@ def test_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
         "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=32", "data.val_fraction=0.2", f"data.paths={text_dir}",
         "train.batch_size=16", "train.steps=8", "train.log_every=4", "train.eval_every=4", "train.eval_batches=1",
         f"train.run_dir={tmp_path / 'run'}", "optim.warmup_steps=2", "optim.outer=diloco", "optim.sync_every=4",
-        "optim.accumulate_steps=2", "mesh.data=4", "mesh.tensor=2",
+        "optim.accumulate_steps=2", "optim.local_start_step=4", "mesh.data=4", "mesh.tensor=2",
     ]  # fmt: skip
     summary = train(load_config(None, overrides), progress=False)
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
