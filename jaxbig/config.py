@@ -189,10 +189,12 @@ class OptimConfig:
     powersgd_view: str = "matrix"  # powersgd: each layer's weight its own matrix (matrix), layers in the rows (stacked), or all fused
     topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
     error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
+    compression_start_step: int = 0  # compression: exact f32 all-reduce for steps before this one, then compress (0: from the first)
     outer: str = "none"  # none, or diloco: local steps per data replica with an outer Nesterov step
     sync_every: int = 8  # diloco: H, inner steps between synchronisations
     outer_learning_rate: float = 0.8  # diloco: outer learning rate on the averaged delta (paper, H=500: 0.7)
     outer_momentum: float = 0.0  # diloco: outer Nesterov momentum (paper, H=500: 0.9; at H=8 it overshoots)
+    local_start_step: int = 0  # diloco: synchronous data-parallel steps before this one, then local steps (0: local from the first)
 
     def __post_init__(self):
         _require(self.optimizer in OPTIMIZERS, f"optim.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
@@ -223,6 +225,26 @@ class OptimConfig:
         _require(self.sync_every >= 1, f"optim.sync_every={self.sync_every} must be >= 1")
         _require(self.outer_learning_rate > 0, f"optim.outer_learning_rate={self.outer_learning_rate} must be positive")
         _require(0.0 <= self.outer_momentum < 1.0, f"optim.outer_momentum={self.outer_momentum} must be in [0, 1)")
+        _require(
+            self.compression_start_step >= 0, f"optim.compression_start_step={self.compression_start_step} must be >= 0"
+        )
+        _require(
+            self.compression_start_step == 0 or self.compression != "none",
+            f"optim.compression_start_step={self.compression_start_step} delays compression, but optim.compression=none; "
+            "set a compression method or the start step back to 0",
+        )
+        _require(self.local_start_step >= 0, f"optim.local_start_step={self.local_start_step} must be >= 0")
+        _require(
+            self.local_start_step == 0 or self.outer == "diloco",
+            f"optim.local_start_step={self.local_start_step} delays DiLoCo's local steps, but optim.outer={self.outer!r}; "
+            "set optim.outer=diloco or the start step back to 0",
+        )
+        _require(
+            self.local_start_step % self.sync_every == 0,
+            f"optim.local_start_step={self.local_start_step} is not a multiple of optim.sync_every={self.sync_every}, so the "
+            f"synchronisations would not fall on train.steps; use {self.local_start_step - self.local_start_step % self.sync_every} "
+            f"or {self.local_start_step - self.local_start_step % self.sync_every + self.sync_every}",
+        )
         _require(
             self.outer == "none" or self.compression == "none",
             f"optim.outer={self.outer!r} with optim.compression={self.compression!r}: DiLoCo already communicates only every "
@@ -352,6 +374,16 @@ class Config:
             f"train.batch_size={self.train.batch_size} is not divisible by optim.accumulate_steps={self.optim.accumulate_steps}; "
             "each microbatch must hold the same number of sequences",
         )
+        steps = (
+            ("compression_start_step", self.optim.compression_start_step),
+            ("local_start_step", self.optim.local_start_step),
+        )
+        for name, start in steps:
+            _require(
+                start < self.train.steps,
+                f"optim.{name}={start} is not before train.steps={self.train.steps}, so it would never take effect; "
+                f"use a step below {self.train.steps}, or 0 to turn the warm-up off",
+            )
         _require(
             self.optim.outer == "none" or self.train.steps % self.optim.sync_every == 0,
             f"train.steps={self.train.steps} is not a multiple of optim.sync_every={self.optim.sync_every}; with optim.outer=diloco "

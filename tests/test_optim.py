@@ -296,7 +296,7 @@ def test_diloco_communicates_every_h_steps_only():
             np.testing.assert_array_equal(replicas[0], state.params["lm_head_DV"])
 
 
-def test_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
+def test_post_local_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
     from jaxbig.train.loop import train
     from jaxbig.train.restore import load_params
 
@@ -305,7 +305,7 @@ def test_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
         "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=32", "data.val_fraction=0.2", f"data.paths={text_dir}",
         "train.batch_size=16", "train.steps=8", "train.log_every=4", "train.eval_every=4", "train.eval_batches=1",
         f"train.run_dir={tmp_path / 'run'}", "optim.warmup_steps=2", "optim.outer=diloco", "optim.sync_every=4",
-        "optim.accumulate_steps=2", "mesh.data=4", "mesh.tensor=2",
+        "optim.accumulate_steps=2", "optim.local_start_step=4", "mesh.data=4", "mesh.tensor=2",
     ]  # fmt: skip
     summary = train(load_config(None, overrides), progress=False)
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
@@ -335,3 +335,92 @@ def test_wrong_combinations_fail_with_a_clear_message():
     grads = {"w": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match="inside jax.shard_map over 'data'"):
         tx.update(grads, tx.init(grads))
+
+
+# --------------------------------------------------------------------------- warm-up phases: exact first, then compressed / local
+
+
+def test_compression_start_step_is_exact_then_plain_powersgd():
+    """Before optim.compression_start_step the step is the `none` step bit for bit, the compressor's state untouched;
+    after it, the step is plain PowerSGD's from that state. The compiled step holds both paths' bytes."""
+    base = dict(warmup_steps=0, eps=1e-4)
+    psgd = dict(base, compression="powersgd", powersgd_rank=2)
+    warm = _compile(SMALL, "8", OptimConfig(**psgd, compression_start_step=2))
+    none = _compile(SMALL, "8", OptimConfig(**base), exact=True)
+    plain = _compile(SMALL, "8", OptimConfig(**psgd))
+    # The bytes: both branches are in one conditional; the exact one equals `none`, the other plain PowerSGD.
+    assert warm.data_bytes(conditional=False) == 0
+    assert warm.data_bytes(conditional=True) == pytest.approx(none.data_bytes() + plain.data_bytes(), rel=1e-6)
+    assert none.data_bytes() / plain.data_bytes() >= 10
+    # Before the start step: the none step, bit for bit, and the compressor's state as init left it.
+    w, n = warm.fresh(), none.fresh()
+    for i in range(2):
+        w, w_metrics = warm.step(w, warm.batches[i])
+        n, n_metrics = none.step(n, none.batches[i])
+        np.testing.assert_array_equal(w_metrics["loss"], n_metrics["loss"])
+    for a, b in zip(jax.tree.leaves((w.params, w.opt_state[1:])), jax.tree.leaves((n.params, n.opt_state[1:]))):
+        np.testing.assert_array_equal(a, b)
+    switch = w.opt_state[0]
+    assert int(switch.count) == 2
+    for a, b in zip(jax.tree.leaves(switch.inner), jax.tree.leaves(warm.state.opt_state[0].inner)):
+        np.testing.assert_array_equal(a, b)  # zero residuals, the initial Q
+    # From the start step on: plain PowerSGD from that state (its compressor state is the warm-up's inner state).
+    p = dataclasses.replace(w, opt_state=(switch.inner, *w.opt_state[1:]))
+    p = jax.tree.map(lambda x: x.copy(), p)
+    for i in range(2, 4):
+        w, w_metrics = warm.step(w, warm.batches[i % 3])
+        p, p_metrics = plain.step(p, plain.batches[i % 3])
+        np.testing.assert_array_equal(w_metrics["loss"], p_metrics["loss"])
+    assert int(w.opt_state[0].count) == 4
+    assert _max_diff(w.params, p.params) < 1e-6
+    assert _max_diff(w.opt_state[0].inner, p.opt_state[0]) < 1e-6
+    assert float(jnp.abs(w.opt_state[0].inner.residual.value["lm_head_DV"]).max()) > 0  # error feedback has begun
+
+
+def test_diloco_local_start_step_is_synchronous_then_plain_diloco():
+    """Post-local SGD: synchronous steps before optim.local_start_step (the replicas' mean gradient, replicas kept at the
+    outer params), then DiLoCo as if started from that model and optimizer state."""
+    base = dict(warmup_steps=0, eps=1e-4)
+    post = _compile(SMALL, "8", OptimConfig(**base, outer="diloco", sync_every=2, local_start_step=2))
+    sync = _compile(SMALL, "8", OptimConfig(**base))
+    local = _compile(SMALL, "8", OptimConfig(**base, outer="diloco", sync_every=2))
+    n_params = SMALL.num_params()
+    assert post.data_bytes(conditional=False) == 0
+    assert post.data_bytes(conditional=True) == pytest.approx(2 * n_params * 4 * 2 * 7 / 8, rel=1e-3)  # the mean gradient + the delta
+    assert local.data_bytes(conditional=True) == pytest.approx(n_params * 4 * 2 * 7 / 8, rel=1e-3)
+    a, s = post.fresh(), sync.fresh()
+    for i in range(2):
+        a, a_metrics = post.step(a, post.batches[i])
+        s, s_metrics = sync.step(s, sync.batches[i])
+        assert float(np.mean(a_metrics["loss"])) == pytest.approx(float(np.mean(s_metrics["loss"])), abs=1e-5)
+        assert _max_diff(a.params, s.params) < 1e-5  # synchronous training (a mean of means: rounding differs)
+        replicas = a.opt_state.replica.value[0]
+        for name in ("lm_head_DV", "embed_VD"):
+            np.testing.assert_array_equal(replicas[name][0], replicas[name][7])
+            np.testing.assert_array_equal(replicas[name][0], a.params[name])
+    assert _max_diff(a.opt_state.sync, s.opt_state) < 1e-5  # the inner AdamW state is the synchronous one
+    # From the start step on: DiLoCo started from that state.
+    b = jax.tree.map(lambda x: x.copy(), dataclasses.replace(a, opt_state=a.opt_state._replace(sync=optax.EmptyState())))
+    outer = jax.device_get(a.params)
+    for i in range(2, 4):
+        a, a_metrics = post.step(a, post.batches[i % 3])
+        b, b_metrics = local.step(b, local.batches[i % 3])
+        np.testing.assert_array_equal(a_metrics["loss"], b_metrics["loss"])
+        if i == 2:
+            assert _max_diff(a.params, outer) == 0  # the outer params wait for the sync
+    assert _max_diff(a.params, outer) > 0
+    assert _max_diff(a.params, b.params) < 1e-6
+    assert _max_diff(a.opt_state.replica, b.opt_state.replica) < 1e-6
+
+
+def test_warmup_phases_fail_with_a_clear_message():
+    with pytest.raises(ConfigError, match=r"optim.compression_start_step=300 is not before train.steps=300, so it would never take effect"):
+        Config(optim=OptimConfig(compression="powersgd", compression_start_step=300), train=TrainConfig(steps=300))
+    with pytest.raises(ConfigError, match=r"optim.compression_start_step=10 delays compression, but optim.compression=none"):
+        OptimConfig(compression_start_step=10)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=12 is not a multiple of optim.sync_every=8.*use 8 or 16"):
+        OptimConfig(outer="diloco", local_start_step=12)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=8 delays DiLoCo's local steps, but optim.outer='none'"):
+        OptimConfig(local_start_step=8)
+    with pytest.raises(ConfigError, match=r"optim.local_start_step=64 is not before train.steps=64"):
+        Config(optim=OptimConfig(outer="diloco", local_start_step=64), train=TrainConfig(steps=64))

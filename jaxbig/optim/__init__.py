@@ -87,7 +87,8 @@ def build_optimizer(
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
     if cfg.outer == "diloco":
         outer = local_sgd.outer_nesterov(cfg.outer_learning_rate, cfg.outer_momentum)
-        return local_sgd.diloco(tx, outer, sync_every=cfg.sync_every, num_replicas=num_replicas), schedule
+        diloco = local_sgd.diloco(tx, outer, sync_every=cfg.sync_every, num_replicas=num_replicas, local_start_step=cfg.local_start_step)
+        return diloco, schedule
     if cfg.compression != "none":
         compress = compression.from_name(
             cfg.compression,
@@ -97,6 +98,7 @@ def build_optimizer(
             error_feedback=cfg.error_feedback,
             views=views,
             shard_specs=shard_specs,
+            start_step=cfg.compression_start_step,
         )
         tx = optax.chain(compress, tx)
     return tx, schedule

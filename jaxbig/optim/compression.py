@@ -25,6 +25,9 @@ checkpointed with the rest of the optimizer state.
 | powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
 | sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
 
+`after_exact_steps` (`optim.compression_start_step`) sends the exact all-reduce for a number of
+steps first and switches to any of these in the compiled step (a `lax.cond`).
+
 The 16-bit words are bf16 values bit-cast to uint16: XLA's CPU backend computes bf16
 collectives in f32 (4 bytes on the wire), while all-to-all and all-gather only move bits.
 Under tensor parallelism (`shard_specs`), bf16, int8, topk and sign work on each device's own
@@ -437,6 +440,48 @@ def powersgd(
     return optax.GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- uncompressed warm-up
+
+
+class WarmupState(NamedTuple):
+    count: jax.Array  # int32: steps taken
+    inner: Any  # the compressor's state; untouched (zero residuals, initial Q) until count reaches the start step
+
+
+def after_exact_steps(compressor: optax.GradientTransformation, start_step: int, axis_name: str = DATA_AXIS) -> optax.GradientTransformation:
+    """`compressor` from step `start_step` on; before it, the exact float32 psum of `exact`.
+
+    PyTorch DDP's PowerSGD hook does this (`PowerSGDState.start_powerSGD_iter`, after Vogels
+    et al. 2019): the first steps of training move fast and are the ones a compressed gradient
+    hurts most. The compressor's state (error-feedback residuals, PowerSGD's Q) is left as
+    `init` made it until the switch, so the compressed phase starts exactly as a fresh
+    compressor would, from the warmed-up params. Both paths are one `lax.cond` in the compiled
+    step: `collective_bytes(..., conditional=True)` counts both branches, the exact one for the
+    first `start_step` steps and the compressed one for the rest.
+    """
+    if start_step < 0:
+        raise CompressionError(f"compression start step {start_step} must be >= 0 (optim.compression_start_step)")
+    if start_step == 0:
+        return compressor
+
+    def init(params):
+        return WarmupState(jnp.zeros((), jnp.int32), compressor.init(params))
+
+    def update(updates, state, params=None):
+        _check_axis(axis_name, "compression warm-up")
+
+        def exact_sum(u, inner):
+            return jax.lax.psum(u, axis_name), inner
+
+        def compressed(u, inner):
+            return compressor.update(u, inner, params)
+
+        total, inner = jax.lax.cond(state.count < start_step, exact_sum, compressed, updates, state.inner)
+        return total, WarmupState(optax.safe_int32_increment(state.count), inner)
+
+    return optax.GradientTransformation(init, update)
+
+
 def from_name(
     method: str,
     num_replicas: int,
@@ -447,16 +492,24 @@ def from_name(
     views: Any = None,
     shard_specs: Any = None,
     axis_name: str = DATA_AXIS,
+    start_step: int = 0,
 ) -> optax.GradientTransformation:
     """The transform for a method name: none, bf16, int8, topk, powersgd or sign.
 
     `views`: PowerSGD's matrix views. `shard_specs`: the gradients' PartitionSpecs over the
     non-data axes (tensor parallelism), so bf16, int8, topk and sign work shard by shard.
     PowerSGD works on the whole matrices (the compiler partitions its matmuls).
+    `start_step`: exact all-reduce before it (`after_exact_steps`).
     """
-    ef = {"axis_name": axis_name, "error_feedback": error_feedback}
     if method == "none":
         return exact(axis_name)
+    return after_exact_steps(
+        _method(method, num_replicas, rank, fraction, error_feedback, views, shard_specs, axis_name), start_step, axis_name
+    )
+
+
+def _method(method, num_replicas, rank, fraction, error_feedback, views, shard_specs, axis_name) -> optax.GradientTransformation:
+    ef = {"axis_name": axis_name, "error_feedback": error_feedback}
     if method == "bf16":
         return bf16(num_replicas, shard_specs=shard_specs, **ef)
     if method == "int8":

@@ -13,6 +13,14 @@ Its `update(local_grads, state, params=θ_outer)` must run inside `shard_map` ov
 axis, on gradients taken at `replica_params(state)`; it returns the outer update (zero
 between synchronisations).
 
+Post-local SGD (Lin et al. 2020, arXiv 1808.07217): with `local_start_step` S > 0 the first S
+steps are synchronous data parallelism (the replicas' mean gradient, one all-reduce per step,
+and the inner optimizer applied to θ_outer), and the local steps start from that model and
+its optimizer state, as DiLoCo starts from a pretrained checkpoint. The synchronous phase
+keeps the inner optimizer state like the params (`DiLoCoState.sync`); every synchronous step
+also writes (θ_outer, that state) into each replica's slot, so the first local step begins
+from it. The outer momentum starts at the switch.
+
 With H=1, an inner optimizer that is linear in the gradient (SGD) and an outer SGD of
 learning rate 1 without momentum, this is synchronous data-parallel SGD: θ_outer moves by
 the mean of the replicas' updates.
@@ -33,6 +41,7 @@ class DiLoCoState(NamedTuple):
     count: jax.Array  # int32: inner steps taken (the same on every replica)
     replica: PerReplica  # (params, inner optimizer state), each leaf [N, ...]
     outer: optax.OptState  # the outer optimizer's state (Nesterov momentum), like the params
+    sync: optax.OptState = optax.EmptyState()  # post-local SGD: the inner state while synchronous, like the params
 
 
 class LocalSGD(NamedTuple):
@@ -50,15 +59,20 @@ def diloco(
     sync_every: int,
     num_replicas: int,
     axis_name: str = DATA_AXIS,
+    local_start_step: int = 0,
 ) -> LocalSGD:
     if sync_every < 1:
         raise ValueError(f"DiLoCo sync_every={sync_every} must be >= 1")
+    if local_start_step < 0 or local_start_step % sync_every:
+        raise ValueError(f"DiLoCo local_start_step={local_start_step} must be >= 0 and a multiple of sync_every={sync_every}")
 
     def init(params) -> DiLoCoState:
+        inner_state = inner.init(params)
         return DiLoCoState(
             count=jnp.zeros((), jnp.int32),
-            replica=replicate((params, inner.init(params)), num_replicas),
+            replica=replicate((params, inner_state), num_replicas),
             outer=outer.init(params),
+            sync=inner_state if local_start_step else optax.EmptyState(),
         )
 
     def replica_params(state: DiLoCoState):
@@ -72,6 +86,19 @@ def diloco(
                 f"DiLoCo averages over mesh axis {axis_name!r}, which is not bound here; call its update inside "
                 f"jax.shard_map over {axis_name!r} (jaxbig.train.dp_step does this)"
             ) from None
+        if local_start_step:
+            return jax.lax.cond(state.count < local_start_step, synchronous, local_steps, local_grads, state, params)
+        return local_steps(local_grads, state, params)
+
+    def synchronous(local_grads, state: DiLoCoState, params):
+        # Replicas hold the outer params here, so their gradients are at θ_outer; their mean is the step's gradient.
+        grads = jax.tree.map(lambda g: jax.lax.psum(g, axis_name) / num_replicas, local_grads)
+        updates, sync_state = inner.update(grads, state.sync, params)
+        fresh = optax.apply_updates(params, jax.lax.optimization_barrier(updates))  # as the step rounds it (see sync below)
+        replica = jax.lax.pcast((fresh, sync_state), (axis_name,), to="varying")
+        return updates, DiLoCoState(state.count + 1, stacked(replica), state.outer, sync_state)
+
+    def local_steps(local_grads, state: DiLoCoState, params):
         replica, inner_state = local(state.replica)
         inner_updates, inner_state = inner.update(local_grads, inner_state, replica)
         replica = optax.apply_updates(replica, inner_updates)
@@ -91,7 +118,7 @@ def diloco(
             return jax.tree.map(jnp.zeros_like, params), replica, state.outer
 
         outer_updates, replica, outer_state = jax.lax.cond(count % sync_every == 0, sync, carry_on, replica)
-        return outer_updates, DiLoCoState(count, stacked((replica, inner_state)), outer_state)
+        return outer_updates, DiLoCoState(count, stacked((replica, inner_state)), outer_state, state.sync)
 
     return LocalSGD(init, update, replica_params)
 
