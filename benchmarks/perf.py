@@ -354,9 +354,12 @@ def main(args, command: str) -> int:
             print(f"{config}: MaxText ...", flush=True)
             peers[config].append(maxtext_peer(args.maxtext_python, config, 15))
     peak = harness.measure_peak()
-    text = report(runs, cold_warm, hand, peers, peak, command=command, load=(load_before, os.getloadavg()[0]))
-    print(text)
+    load = (load_before, os.getloadavg()[0])
+    text = report(runs, cold_warm, hand, peers, peak, command=command, load=load)
+    foundation = harness.report(list(hand.values()), peak, command=command, to_first_step=None, load=load)  # same rounds
+    print(text + "\n\n" + foundation)
     if not args.no_write:
         harness.write_section(DOC, text, START, END, SECTION_INTRO)
-        print(f"wrote {DOC}")
+        harness.write_section(DOC, foundation)
+        print(f"wrote {DOC} (sections bench:perf and bench:foundation)")
     return 0

@@ -93,7 +93,10 @@ def test_the_regression_check_fails_a_slow_run(tmp_path):
     baseline = read_baseline(doc)
 
     def run(config, mesh, tokens_per_s):
-        return LoopRun(config, mesh, 2048, 1e6, 10**6, [2048 / tokens_per_s] * 5, 2.0, 1.0, 3.0, 500.0, 2.0)
+        return LoopRun(
+            config=config, mesh=mesh, batch=16, seq_len=128, tokens_per_step=2048, flops_per_token=1e6, num_params=10**6,
+            step_s=[2048 / tokens_per_s] * 5, first_call_s=2.0, compile_s=1.0, time_to_first_step_s=3.0, peak_rss_mib=500.0, final_loss=2.0,
+        )
 
     assert check([run("tiny", "1x1", 7000), run("small", "4x2", 2900)], baseline, margin=0.15) == []
     slow = check([run("tiny", "1x1", 6000), run("small", "4x2", 2900), run("d512", "1x1", 10)], baseline, margin=0.15)
