@@ -55,12 +55,18 @@ ON_DEFAULTS = {  # the options not taken, once more on top of jaxbig's defaults
 }
 
 
+def _merged(base: list[str], sets: list[str]) -> list[str]:
+    """`base` overrides with `sets` on top (a key in both takes `sets`' value)."""
+    keys = {o.split("=", 1)[0] for o in sets}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + sets
+
+
 def variants(backend: str) -> dict[str, list[str]]:
     """Variant name -> config overrides. The first is the baseline every other is compared with."""
     base = ["compile.xla_profile=default", "model.scan_layers=true"]
     out = {BASELINE: base}
     out.update({f"xla_profile={name}": [f"compile.xla_profile={name}", "model.scan_layers=true"] for name in PROFILES.get(backend, {}) if name != "default"})
-    out.update({name: [*base, *sets] for name, sets in MODEL_OPTIONS.items()})
+    out.update({name: _merged(base, sets) for name, sets in MODEL_OPTIONS.items()})
     out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, {}).get('float32', 'default')}, scan_layers=false)"] = []
     out.update(ON_DEFAULTS)
     return out
