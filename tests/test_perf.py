@@ -1,6 +1,7 @@
 """Speed options: XLA profiles keep the numbers, the compilation cache is hit on a second run, the regression check fails."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -103,3 +104,43 @@ def test_the_regression_check_fails_a_slow_run(tmp_path):
     assert slow == ["tiny@1x1: 6,000 tokens/s < 0.85 x baseline 8,000"]
     with pytest.raises(ValueError, match="no `perf:baseline` line"):
         read_baseline(tmp_path / "missing.md")
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+import jaxbig, jaxbig.runtime
+import jax, jax.numpy as jnp
+
+@jax.jit
+def step(x):  # a 64 MiB temporary per call (XLA:CPU allocates it per execution)
+    y = jnp.outer(x, x)
+    return (jnp.sin(y) @ x).sum()
+
+x = jnp.ones(4096)
+faults = []
+for _ in range(20):  # the heap settles within the first few calls; the median is a settled call
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(jaxbig.runtime.host_malloc_tuned, sorted(faults[8:])[6])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (jaxbig.runtime.tune_host_malloc) are Linux-only")
+def test_step_buffers_stay_mapped_between_calls(repo):
+    """`import jaxbig` keeps XLA:CPU's per-call temporary buffer in the heap: a settled call does not
+    page-fault it back in (16,384 faults per call for 64 MiB with glibc's defaults)."""
+
+    def faults_per_call(malloc: str) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+        env.update(JAXBIG_HOST_MALLOC=malloc, JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT.format(repo=str(repo))], env=env, capture_output=True, text=True, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    tuned, faults = faults_per_call("")
+    default_tuned, default_faults = faults_per_call("default")
+    assert (tuned, default_tuned) == ("True", "False")
+    assert default_faults > 10_000, f"glibc's defaults should page-fault the 64 MiB temporary each call; got {default_faults} faults"
+    assert faults < 1_000, f"with jaxbig's malloc settings a call page-faulted {faults} times (defaults: {default_faults})"
