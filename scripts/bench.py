@@ -76,7 +76,7 @@ from jaxbig.config import ConfigError, load_config  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", default=None, help="preset names (configs/NAME.yaml) or YAML paths (default: tiny small; --compression: small)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth); --compression: training steps (default: the config's train.steps, 300 for small)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth); --compression: training steps (default 128)")
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
