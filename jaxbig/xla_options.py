@@ -41,6 +41,12 @@ AUTO: dict[str, dict[str, str]] = {
     "gpu": {"float32": "default", "bfloat16": "default"},
     "tpu": {"float32": "default", "bfloat16": "default"},
 }
+# Profiles XLA:CPU cannot run a sequence-parallel step with (parallel.sequence_parallel with tensor > 1;
+# jax 0.12 fails the first call with "Instruction with unsupported layout in YNN fusion": the residual
+# stream's sequence shards reach YNNPACK's elementwise fusions in a transposed layout). `auto` falls
+# back to AUTO_SEQUENCE_PARALLEL; naming one of these is refused with that choice.
+NOT_WITH_SEQUENCE_PARALLEL: dict[str, tuple[str, ...]] = {"cpu": ("ynn_eltwise", "ynn_all")}
+AUTO_SEQUENCE_PARALLEL: dict[str, dict[str, str]] = {"cpu": {"float32": "default", "bfloat16": "onednn"}}
 # Compute dtype for model.dtype=auto, per backend: bfloat16 where the hardware has fast bf16 matmuls
 # (GPU tensor cores, TPU MXU). CPU stays float32: bf16 pays only on CPUs with AMX or AVX512-BF16 and
 # changes the numerics every equivalence test pins; set model.dtype=bfloat16 there (README, Speed).
@@ -55,14 +61,25 @@ def profile_names() -> list[str]:
     return names
 
 
-def compiler_options(profile: str, backend: str, dtype: str = "float32") -> dict[str, Any]:
-    """The options of `profile` on `backend` ("cpu", "gpu" or "tpu"); `auto` picks the measured best for the compute `dtype`."""
+def compiler_options(profile: str, backend: str, dtype: str = "float32", *, sequence_parallel: bool = False) -> dict[str, Any]:
+    """The options of `profile` on `backend` ("cpu", "gpu" or "tpu"); `auto` picks the measured best for the compute `dtype`.
+
+    `sequence_parallel`: the step splits the residual stream over tensor (parallel.sequence_parallel
+    with tensor > 1); profiles XLA cannot compile that with are avoided by `auto` and refused by name.
+    """
     table = PROFILES.get(backend, {"default": {}})
-    name = AUTO.get(backend, {}).get(dtype, "default") if profile == "auto" else profile
+    auto = AUTO_SEQUENCE_PARALLEL if sequence_parallel and backend in AUTO_SEQUENCE_PARALLEL else AUTO
+    name = auto.get(backend, {}).get(dtype, "default") if profile == "auto" else profile
     if name not in table:
         raise ValueError(
             f"compile.xla_profile={profile!r} is not a profile for the {backend} backend; "
             f"use auto or one of {', '.join(table)} (profiles are per backend, see jaxbig/xla_options.py)"
+        )
+    if sequence_parallel and name in NOT_WITH_SEQUENCE_PARALLEL.get(backend, ()):
+        raise ValueError(
+            f"compile.xla_profile={profile!r} cannot compile a sequence-parallel step on {backend} (XLA's YNNPACK fusions "
+            f"reject the split residual stream's layout); use compile.xla_profile=auto (here "
+            f"{AUTO_SEQUENCE_PARALLEL[backend][dtype]}) or set parallel.sequence_parallel=false"
         )
     return dict(table[name])
 

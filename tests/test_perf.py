@@ -144,3 +144,23 @@ def test_step_buffers_stay_mapped_between_calls(repo):
     assert (tuned, default_tuned) == ("True", "False")
     assert default_faults > 10_000, f"glibc's defaults should page-fault the 64 MiB temporary each call; got {default_faults} faults"
     assert faults < 1_000, f"with jaxbig's malloc settings a call page-faulted {faults} times (defaults: {default_faults})"
+
+
+def test_sequence_parallel_steps_avoid_the_profiles_xla_cannot_compile_them_with(tmp_path, text_dir):
+    """XLA:CPU's YNNPACK elementwise fusions reject a sequence-parallel step's layout at the first call;
+    `auto` picks a profile that runs it, and naming a failing one is refused before the run starts."""
+    from jaxbig.train.loop import train
+    from jaxbig.xla_options import AUTO_SEQUENCE_PARALLEL, NOT_WITH_SEQUENCE_PARALLEL
+
+    assert AUTO_SEQUENCE_PARALLEL["cpu"]["float32"] not in NOT_WITH_SEQUENCE_PARALLEL["cpu"]
+    assert compiler_options("auto", "cpu", sequence_parallel=True) == PROFILES["cpu"][AUTO_SEQUENCE_PARALLEL["cpu"]["float32"]]
+    with pytest.raises(ValueError, match=r"compile.xla_profile='ynn_all' cannot compile a sequence-parallel step on cpu .* use compile.xla_profile=auto \(here default\)"):
+        compiler_options("ynn_all", "cpu", sequence_parallel=True)
+
+    sets = [*TINY_MODEL, f"data.paths=[{text_dir}]", "mesh.data=4", "mesh.tensor=2", "parallel.sequence_parallel=true",
+            "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=0"]
+    summary = train(load_config(None, [*sets, f"train.run_dir={tmp_path / 'auto'}"]), progress=False)
+    assert np.isfinite(summary["final_loss"])
+    with pytest.raises(ConfigError, match="cannot compile a sequence-parallel step"):
+        train(load_config(None, [*sets, "compile.xla_profile=ynn_all", f"train.run_dir={tmp_path / 'named'}"]), progress=False)
+    assert not (tmp_path / "named").exists()

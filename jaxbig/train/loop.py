@@ -108,6 +108,11 @@ def train(
     check_batch_divides(cfg.train.batch_size, mesh)
     check_pipeline(cfg, dict(mesh.shape))
     check_sequence_parallel(cfg.data.seq_len, cfg.parallel.sequence_parallel, dict(mesh.shape))
+    try:  # XLA options for both steps; a profile this backend or layout cannot compile fails here, before the run dir is touched
+        sequence_parallel = cfg.parallel.sequence_parallel and mesh.shape["tensor"] > 1
+        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend(), cfg.model.compute_dtype(), sequence_parallel=sequence_parallel)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     run_layers = layer_runner(mesh, cfg.parallel)
     corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
@@ -124,7 +129,6 @@ def train(
             step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
         else:
             step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
-        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend(), cfg.model.compute_dtype())
         train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None, compiler_options=xla)
         eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None, compiler_options=xla)
         say = tqdm.write if progress else print
