@@ -284,13 +284,13 @@ def main(args, command: str) -> int:
     from benchmarks import harness
     from jaxbig.config import ConfigError
 
-    name = (args.config or ["small"])[0]
-    preset = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / f"{name}.yaml"
     steps = args.steps or 128  # 300 (small's own length) widens PowerSGD's gap: see the section's notes
     methods = tuple(args.methods or TRAINED)
     if "none" not in methods or any(m not in METHODS for m in methods):
         print(f"error: --methods must include none (the baseline) and name only {', '.join(METHODS)}; got {' '.join(methods)}", file=sys.stderr)
         return 2
+    name = (args.config or ["small"])[0]
+    preset = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / f"{name}.yaml"
     load_before = os.getloadavg()[0]
     try:
         results = run(preset, steps, methods, ROOT / "runs" / "bench-compression", args.set)

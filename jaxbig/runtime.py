@@ -74,8 +74,8 @@ def tune_host_malloc() -> bool:
     XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a training step)
     with posix_memalign from its worker threads. glibc serves a request that size from a thread
     arena by mmap, and frees it by munmap, so every step page-faults its whole temporary buffer
-    back in: on `small` 200,000 faults and about 20% of the step's CPU time (docs/benchmarks.md,
-    Speed). One arena, no mmap and no trimming keep the freed buffer for the next step. The
+    back in: on `small` 200,000 faults and about 20% of the step's CPU time (README, Speed;
+    docs/benchmarks.md, Performance). One arena, no mmap and no trimming keep the freed buffer for the next step. The
     process keeps its peak heap, as tcmalloc and jemalloc do.
 
     Linux with glibc only, and it must run before XLA's threads first allocate (before jax
