@@ -187,6 +187,8 @@ class OptimConfig:
     compression: str = "none"  # gradient exchange over the data axis: none, bf16, int8, topk, powersgd or sign
     powersgd_rank: int = 4  # powersgd: rank of the low-rank gradient approximation
     powersgd_view: str = "matrix"  # powersgd: each layer's weight its own matrix (matrix), layers in the rows (stacked), or all fused
+    powersgd_iterations: int = 1  # powersgd: power-iteration steps per train step; each all-reduces P and Q again (bytes x iterations)
+    powersgd_vocab: bool = False  # powersgd: compress the embedding and output head too (false: they go exact; their gradients are per-token rows, not low rank)
     topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
     error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
     compression_start_step: int = 0  # compression: exact f32 all-reduce for steps before this one, then compress (0: from the first)
@@ -216,6 +218,7 @@ class OptimConfig:
         _require(self.accumulate_steps >= 1, f"optim.accumulate_steps={self.accumulate_steps} must be >= 1")
         _require(self.compression in COMPRESSIONS, f"optim.compression={self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
         _require(self.powersgd_rank >= 1, f"optim.powersgd_rank={self.powersgd_rank} must be >= 1")
+        _require(self.powersgd_iterations >= 1, f"optim.powersgd_iterations={self.powersgd_iterations} must be >= 1")
         _require(
             self.powersgd_view in ("matrix", "stacked", "fused"),
             f"optim.powersgd_view={self.powersgd_view!r}: use matrix, stacked or fused",

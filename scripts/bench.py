@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pruning", action="store_true", help="the pruning benchmark (small: dense, 50%% magnitude, 2:4)")
     parser.add_argument("--variants", nargs="+", default=None, help="--pruning: train only these (dense, 'magnitude 50%%', 2:4); finished runs are reused")
     parser.add_argument("--distill", action="store_true", help="the distillation benchmark (tiny-width student: scratch vs distilled from small)")
-    parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-fused diloco)")
+    parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-2it powersgd-r8 diloco)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression, --data, --pruning, --distill: config override for every run")
     parser.add_argument("--perf", action="store_true", help="the training-speed benchmark (loop per config and mesh, start-up, peers)")
     parser.add_argument("--meshes", nargs="+", default=None, help="--perf: meshes to run (default: 1x1 4x2)")

@@ -168,8 +168,10 @@ def tiny_steps():
     for method in ("int8", "topk"):
         out[method] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression=method, topk_fraction=0.01))
     # Fused: the tiny model's per-layer matrices are at most 128 on a side, so rank 4 saves at most 128/(2*4) = 16x on
-    # square ones and 32x on 128x512 ones (21.7x in all); 50x needs the block weights fused into one matrix (79.9x).
-    out["powersgd"] = _compile(TINY, "8", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=4, powersgd_view="fused"))
+    # square ones and 32x on 128x512 ones (21.7x in all); 50x needs the block weights fused into one matrix and the
+    # embedding + head into another (79.9x), so the vocab weights are compressed too here.
+    psgd = OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=4, powersgd_view="fused", powersgd_vocab=True)
+    out["powersgd"] = _compile(TINY, "8", psgd)
     return out
 
 
@@ -230,6 +232,52 @@ def test_gradient_accumulation_matches_the_full_batch(small_plain):
     assert _max_diff(full.params, acc.params) < 1e-6
 
 
+def test_powersgd_sends_the_vocab_weights_exact_and_repeats_the_factors_per_iteration():
+    """Default views: embedding and head in the exact psum; each power iteration all-reduces P and Q once more."""
+    from jaxbig.optim import matrix_views
+    from jaxbig.train.state import logical_axes
+
+    psgd = dict(warmup_steps=0, compression="powersgd", powersgd_rank=2)
+    one, two = (_compile(SMALL, "8", OptimConfig(**psgd, powersgd_iterations=k)) for k in (1, 2))
+    with_vocab = _compile(SMALL, "8", OptimConfig(**psgd, powersgd_vocab=True))
+    _, abstract, logical = logical_axes(SMALL)
+    views = jax.tree.leaves(matrix_views(logical), is_leaf=lambda v: v is None or isinstance(v, compression.MatrixView))
+    exact_params = sum(x.size for x, v in zip(jax.tree.leaves(abstract), views) if v is None)
+    assert exact_params > 2 * SMALL.vocab_size * SMALL.d_model  # the embedding, the head and the norm scales
+    exact = exact_params * 4 * 2 * 7 / 8  # their f32 ring all-reduce over 8 replicas
+    assert one.data_bytes() - exact == pytest.approx(two.data_bytes() - one.data_bytes(), rel=1e-6)
+    # Rank 2 over the embedding and head sends (256 + 64) x 2 numbers for each in place of 256 x 64.
+    assert one.data_bytes() - with_vocab.data_bytes() == pytest.approx(2 * (256 * 64 - 320 * 2) * 4 * 2 * 7 / 8, rel=1e-6)
+    state, losses = two.run(3)
+    assert losses[2] < losses[0]
+    assert float(jnp.abs(state.opt_state[0].residual.value["embed_VD"]).max()) == 0
+
+
+def test_more_power_iterations_approach_the_best_rank_r_approximation():
+    """8 replicas' matrices summed: one warm-started step from a random Q is a rough rank-2 fit, four steps the SVD's."""
+    mesh = make_mesh(MeshConfig(data=8))
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    V, _ = np.linalg.qr(rng.normal(size=(24, 24)))
+    sigma = np.array([8.0, 6.0, *(0.6 * 0.8 ** np.arange(22))])
+    total = (U[:, :24] * sigma) @ V.T
+    shares = rng.normal(size=(8, 32, 24)) * 0.1
+    shares += (total - shares.sum(0)) / 8  # the replicas' gradients sum to `total`
+    best = (U[:, :2] * sigma[:2]) @ V[:, :2].T
+    errors = {}
+    for k in (1, 4):
+        tx = compression.powersgd(2, 8, iterations=k, error_feedback=False)
+
+        def run(g):
+            out, _ = tx.update({"w": g[0]}, tx.init({"w": g[0]}))
+            return out["w"]
+
+        with jax.set_mesh(mesh):
+            agg = jax.jit(jax.shard_map(run, in_specs=P("data"), out_specs=P()))(jnp.asarray(shares, jnp.float32))
+        errors[k] = float(np.linalg.norm(np.asarray(agg) - best) / np.linalg.norm(best))
+    assert errors[4] < 1e-3 < 0.05 < errors[1], errors
+
+
 # --------------------------------------------------------------------------- tensor parallelism and checkpoints
 
 
@@ -258,7 +306,7 @@ def test_compression_with_tensor_parallelism_and_error_feedback_checkpoint(tmp_p
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(after_restored)):
         np.testing.assert_array_equal(a, b)
     # PowerSGD's factors are all-reduced over data; the compiler partitions its matmuls over tensor.
-    powersgd = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=2))
+    powersgd = _compile(SMALL, "4x2", OptimConfig(warmup_steps=0, compression="powersgd", powersgd_rank=2, powersgd_vocab=True))
     assert _plain_bytes(powersgd) / powersgd.data_bytes() >= 10
     _, losses = powersgd.run(2)
     assert losses[1] < losses[0]
@@ -351,7 +399,7 @@ def test_compression_start_step_is_exact_then_plain_powersgd():
     # The bytes: both branches are in one conditional; the exact one equals `none`, the other plain PowerSGD.
     assert warm.data_bytes(conditional=False) == 0
     assert warm.data_bytes(conditional=True) == pytest.approx(none.data_bytes() + plain.data_bytes(), rel=1e-6)
-    assert none.data_bytes() / plain.data_bytes() >= 10
+    assert none.data_bytes() / plain.data_bytes() >= 2.8  # the embedding and head, 44% of this model's params, go exact
     # Before the start step: the none step, bit for bit, and the compressor's state as init left it.
     w, n = warm.fresh(), none.fresh()
     for i in range(2):
@@ -374,7 +422,9 @@ def test_compression_start_step_is_exact_then_plain_powersgd():
     assert int(w.opt_state[0].count) == 4
     assert _max_diff(w.params, p.params) < 1e-6
     assert _max_diff(w.opt_state[0].inner, p.opt_state[0]) < 1e-6
-    assert float(jnp.abs(w.opt_state[0].inner.residual.value["lm_head_DV"]).max()) > 0  # error feedback has begun
+    residual = w.opt_state[0].inner.residual.value
+    assert float(jnp.abs(residual["blocks"]["mlp"]["w_up_DF"]).max()) > 0  # error feedback has begun
+    assert float(jnp.abs(residual["lm_head_DV"]).max()) == 0  # the vocab weights go exact (optim.powersgd_vocab=false)
 
 
 def test_diloco_local_start_step_is_synchronous_then_plain_diloco():
