@@ -116,8 +116,8 @@ def matrix_views(logical_specs, mode: str = "matrix", *, vocab: bool = False) ->
     Rows are the residual-stream side of a weight, `embed`; columns the rest (heads x
     head_dim, mlp, vocab). Weights with a `vocab` axis (the embedding, the output head) get no
     view, so they go exact, unless `vocab`: their gradients are sums of one row per token in the
-    batch, not close to low rank (on `small`, rank 4, compressing them costs +1.5% validation
-    loss at 128 steps for 0.9 MB per step saved). `mode`:
+    batch, not close to low rank (on `small`, rank 4, compressing them costs +1.4% validation
+    loss at 128 steps for 0.9 MB per step saved, docs/benchmarks.md). `mode`:
     - matrix: every layer's weight is its own [embed, rest] matrix (PowerSGD as published);
     - stacked: the `layers` axis joins the rows, [layers·embed, rest] per weight;
     - fused: as stacked, and weights with the same row axes are concatenated along the
