@@ -22,7 +22,7 @@ checkpointed with the rest of the optimizer state.
 | bf16     | all-to-all + all-gather of 16-bit words                  | ~1/2                    |
 | int8     | all-to-all + all-gather of mu-law int8, f32 scale / block | ~1/4                   |
 | topk     | all-gather of k values (f32) and indices (int32)         | ~N·fraction             |
-| powersgd | all-reduce of P [n, r] and Q [m, r] per matrix           | ~(n+m)r / (nm)          |
+| powersgd | all-reduce of P [n, r] and Q [m, r] per matrix, per iteration | ~(n+m)r·iterations / (nm) |
 | sign     | all-gather of packed sign bits and per-tensor scales     | ~N/64                   |
 
 `after_exact_steps` (`optim.compression_start_step`) sends the exact all-reduce for a number of
