@@ -376,8 +376,8 @@ def powersgd(
     For a matrix M_i [n, m] on replica i and the shared Q [m, r]: P = psum(M_i Q), P^ =
     orthonormal(P), Q_i = M_i^T P^, Q = psum(Q_i); the aggregate is P^ Q^T, and replica i's
     error is M_i - P^ Q_i^T. Q warm-starts the next step. `iterations` > 1 repeats the step
-    from the summed Q within the train step (Vogels et al., section 3: a better rank-r
-    approximation at `iterations` times the bytes). `views` is a tree like the params of
+    from the summed Q within the train step (the paper takes one, warm-started; more give a
+    closer rank-r fit for `iterations` times the bytes). `views` is a tree like the params of
     `MatrixView`s or None (None everywhere: `default_view`); uncompressed tensors are psummed.
     A view's batch axes give independent matrices (one P and Q each), handled together.
     """
@@ -517,7 +517,7 @@ def from_name(
     )
 
 
-def _method(method, num_replicas, rank, fraction, error_feedback, views, shard_specs, axis_name, iterations=1) -> optax.GradientTransformation:
+def _method(method, num_replicas, rank, fraction, error_feedback, views, shard_specs, axis_name, iterations) -> optax.GradientTransformation:
     ef = {"axis_name": axis_name, "error_feedback": error_feedback}
     if method == "bf16":
         return bf16(num_replicas, shard_specs=shard_specs, **ef)
