@@ -25,6 +25,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "default": {},  # YNNPACK fusions for the matmuls, XLA's own loops for the rest
         "ynn_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_DOT},{_ELTWISE}"},  # elementwise ops into YNNPACK too
         "ynn_all": {"xla_cpu_experimental_ynn_fusion_type": f"{_DOT},{_ELTWISE},{_REDUCE}"},
+        "ynn_reduce": {"xla_cpu_experimental_ynn_fusion_type": f"{_DOT},{_REDUCE}"},  # matmuls and reductions; XLA's loops for elementwise
         "eigen": _NO_YNN,  # no library fusions: XLA's own (Eigen) matmuls
         "onednn": {**_NO_YNN, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": _DOT},  # oneDNN matmul fusions
         "onednn_custom_call": {**_NO_YNN, "xla_cpu_experimental_onednn_custom_call": True},  # oneDNN matmuls as custom calls
@@ -34,10 +35,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "tpu": {"default": {}},
 }
 # The profile `auto` resolves to, per backend and compute dtype (measured; docs/benchmarks.md
-# `bench:profiles`). On CPU, float32 matmuls are fastest as YNNPACK fusions; bfloat16 ones through
-# oneDNN, which uses AMX / AVX512-BF16 where the CPU has them (YNNPACK's bf16 path does not).
+# `bench:profiles`). On CPU, float32 matmuls and reductions are fastest as YNNPACK fusions, elementwise
+# ops as XLA's own loops: YNNPACK's elementwise fusions pay a little on one device but cost 7-12% on
+# 8 emulated devices (`--mesh 4x2`); bfloat16 matmuls are fastest through oneDNN, which uses AMX /
+# AVX512-BF16 where the CPU has them (YNNPACK's bf16 path does not).
 AUTO: dict[str, dict[str, str]] = {
-    "cpu": {"float32": "ynn_all", "bfloat16": "onednn"},
+    "cpu": {"float32": "ynn_reduce", "bfloat16": "onednn"},
     "gpu": {"float32": "default", "bfloat16": "default"},
     "tpu": {"float32": "default", "bfloat16": "default"},
 }
@@ -46,7 +49,7 @@ AUTO: dict[str, dict[str, str]] = {
 # stream's sequence shards reach YNNPACK's elementwise fusions in a transposed layout). `auto` falls
 # back to AUTO_SEQUENCE_PARALLEL; naming one of these is refused with that choice.
 NOT_WITH_SEQUENCE_PARALLEL: dict[str, tuple[str, ...]] = {"cpu": ("ynn_eltwise", "ynn_all")}
-AUTO_SEQUENCE_PARALLEL: dict[str, dict[str, str]] = {"cpu": {"float32": "default", "bfloat16": "onednn"}}
+AUTO_SEQUENCE_PARALLEL: dict[str, dict[str, str]] = {"cpu": {"float32": "ynn_reduce", "bfloat16": "onednn"}}
 # Compute dtype for model.dtype=auto, per backend: bfloat16 where the hardware has fast bf16 matmuls
 # (GPU tensor cores, TPU MXU). CPU stays float32: bf16 pays only on CPUs with AMX or AVX512-BF16 and
 # changes the numerics every equivalence test pins; set model.dtype=bfloat16 there (README, Speed).
