@@ -36,8 +36,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 # The profile `auto` resolves to, per backend and compute dtype (measured; docs/benchmarks.md
 # `bench:profiles`). On CPU, float32 matmuls and reductions are fastest as YNNPACK fusions, elementwise
-# ops as XLA's own loops: YNNPACK's elementwise fusions pay a little on one device but cost 7-12% on
-# 8 emulated devices (`--mesh 4x2`); bfloat16 matmuls are fastest through oneDNN, which uses AMX /
+# ops as XLA's own loops: with YNNPACK's elementwise fusions too (`ynn_all`) a step is about 7% slower
+# on one device and up to 12% on 8 emulated devices (`--mesh 4x2`); bfloat16 matmuls are fastest through oneDNN, which uses AMX /
 # AVX512-BF16 where the CPU has them (YNNPACK's bf16 path does not).
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {"float32": "ynn_reduce", "bfloat16": "onednn"},
