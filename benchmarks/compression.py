@@ -67,7 +67,7 @@ def warmup_key(method: str) -> str | None:
     """The config key of a method's exact warm-up: every PowerSGD variant's and DiLoCo's; None for the others."""
     if method.startswith("powersgd"):
         return "optim.compression_start_step"
-    return "optim.local_start_step" if method == "diloco" else None
+    return "optim.local_start_step" if method.startswith("diloco") else None
 
 
 METHODS: dict[str, list[str]] = {  # method -> config overrides (rank, fraction, H: the OptimConfig defaults)
@@ -81,9 +81,12 @@ METHODS: dict[str, list[str]] = {  # method -> config overrides (rank, fraction,
     "powersgd-fused": ["optim.compression=powersgd", "optim.powersgd_view=fused", "optim.powersgd_vocab=true"],
     "sign": ["optim.compression=sign"],
     "diloco": ["optim.outer=diloco"],
+    # DiLoCo's replica count M on the same 8 devices: 2 replicas of 8 sequences, tensor 4 within each.
+    # Its bytes are compared with the exact all-reduce on its own mesh (a 2-replica ring moves less).
+    "diloco-m2": ["optim.outer=diloco", "mesh.data=2", "mesh.tensor=4"],
 }
-TRAINED = ("none", "int8", "powersgd", "powersgd-2it", "powersgd-r8", "diloco")  # powersgd-fused (+36%): bytes only by default
-TARGETS = {"int8": 0.03, "powersgd": 0.03, "powersgd-2it": 0.03, "powersgd-fused": 0.03, "diloco": 0.05}  # allowed excess of the val loss over none
+TRAINED = ("none", "int8", "powersgd", "powersgd-2it", "powersgd-r8", "diloco", "diloco-m2")  # powersgd-fused (+36%): bytes only by default
+TARGETS = {"int8": 0.03, "powersgd": 0.03, "powersgd-2it": 0.03, "powersgd-fused": 0.03, "diloco": 0.05, "diloco-m2": 0.05}  # allowed excess of the val loss over none
 
 
 @dataclasses.dataclass
@@ -94,6 +97,7 @@ class MethodResult:
     sync_bytes: float  # DiLoCo: bytes of one synchronisation; 0 otherwise
     warmup_steps: int = 0  # exact (uncompressed / synchronous) steps first: optim.compression_start_step or local_start_step
     warmup_bytes: float = 0.0  # bytes per warm-up step: the exact all-reduce of the gradients, as `none`
+    exact_bytes: float = 0.0  # `none`'s bytes per step on this method's mesh: what the fractions are of
     summary: dict | None = None  # the loop's summary when trained
     records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl
 
@@ -107,6 +111,15 @@ class MethodResult:
         """Over the whole run, warm-up steps included."""
         steps, w = self.cfg.train.steps, self.warmup_steps
         return (w * self.warmup_bytes + (steps - w) * self.bytes_per_step) / steps
+
+    @property
+    def fraction(self) -> float:
+        """Steady-state bytes as a fraction of the exact all-reduce on the same mesh."""
+        return self.bytes_per_step / self.exact_bytes
+
+    @property
+    def average_fraction(self) -> float:
+        return self.average_bytes_per_step / self.exact_bytes
 
     @property
     def val_loss(self) -> float | None:
@@ -166,12 +179,16 @@ def _compiled_bytes(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
 def run(preset: Path, steps: int, trained: tuple[str, ...], run_root: Path, extra: list[str], say=print) -> list[MethodResult]:
     from jaxbig.train.loop import train
 
-    results, exact_bytes = [], 0.0
+    results, exact = [], {}  # exact: mesh sizes -> `none`'s bytes per step on that mesh
     for method in METHODS:  # none first: its bytes are the warm-up steps' bytes
         cfg = method_config(preset, method, steps, run_root, extra)
-        by_kind, sync = step_bytes(cfg, exact_bytes)
-        result = MethodResult(method, cfg, by_kind, sync, warmup_steps(cfg), exact_bytes if warmup_steps(cfg) else 0.0)
-        exact_bytes = exact_bytes or result.bytes_per_step
+        mesh_key = tuple(sorted(make_mesh(cfg.mesh).shape.items()))
+        if method != "none" and mesh_key not in exact:  # a method on its own mesh: `none` compiled there, bytes only
+            exact[mesh_key] = sum(step_bytes(method_config(preset, "none", steps, run_root, [*extra, *_mesh_overrides(method)]))[0].values())
+        by_kind, sync = step_bytes(cfg, exact.get(mesh_key, 0.0))
+        result = MethodResult(method, cfg, by_kind, sync, warmup_steps(cfg), exact.get(mesh_key, 0.0) if warmup_steps(cfg) else 0.0)
+        exact.setdefault(mesh_key, result.bytes_per_step)
+        result.exact_bytes = exact[mesh_key]
         average = f" ({result.average_bytes_per_step / 1e6:.3f} MB averaged over the run)" if result.warmup_steps else ""
         say(f"{method}: {result.bytes_per_step / 1e6:.3f} MB per step over data{average}", flush=True)
         if method in trained:
@@ -183,6 +200,10 @@ def run(preset: Path, steps: int, trained: tuple[str, ...], run_root: Path, extr
             say(f"{method}: val loss {result.val_loss:.4f} after {steps} steps ({result.summary['bench_wall_s']:.0f} s)", flush=True)
         results.append(result)
     return results
+
+
+def _mesh_overrides(method: str) -> list[str]:
+    return [o for o in METHODS[method] if o.startswith("mesh.")]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -200,9 +221,10 @@ def table(results: list[MethodResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
-        frac = r.bytes_per_step / base.bytes_per_step
-        average = r.average_bytes_per_step / base.bytes_per_step
+        frac, average = r.fraction, r.average_fraction
         note = f" (sync {r.sync_bytes / 1e6:.2f} MB every {r.cfg.optim.sync_every})" if r.sync_bytes else ""
+        if _mesh_overrides(r.name):
+            note += f"; mesh {_mesh_text(r.cfg)}, `none` there {r.exact_bytes / 1e6:.3f} MB"
         if r.val_loss is None:
             loss = diff = seconds = "not trained"
             target = f"≤ {TARGETS[r.name]:.0%}" if r.name in TARGETS else ""
@@ -222,9 +244,12 @@ def table(results: list[MethodResult]) -> str:
     return "\n".join(rows)
 
 
+def _mesh_text(cfg: Config) -> str:
+    return ", ".join(f"{k}={v}" for k, v in make_mesh(cfg.mesh).shape.items() if v > 1)
+
+
 def report(results: list[MethodResult], *, command: str, load: tuple[float, float], plot: Path | None) -> str:
     cfg = results[0].cfg
-    mesh = dict(make_mesh(cfg.mesh).shape)
     o = cfg.optim
     lines = [
         f"Command: `{command}`  ",
@@ -232,7 +257,7 @@ def report(results: list[MethodResult], *, command: str, load: tuple[float, floa
         f"Machine: {os.cpu_count()} CPU cores, {len(jax.devices())} emulated {jax.devices()[0].platform} devices; "
         f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
         f"Run: `{cfg.model.num_params() / 1e6:.2f}M`-param model ({cfg.model.num_layers} layers, d_model {cfg.model.d_model}), "
-        f"mesh {', '.join(f'{k}={v}' for k, v in mesh.items() if v > 1)}, batch {cfg.train.batch_size}×{cfg.data.seq_len}, "
+        f"mesh {_mesh_text(cfg)} (`diloco-m2`: data=2, tensor=4), batch {cfg.train.batch_size}×{cfg.data.seq_len}, "
         f"{cfg.train.steps} steps, {o.optimizer} lr {o.learning_rate} ({o.schedule}, {o.warmup_steps} warmup steps), "
         f"val loss over {cfg.train.eval_batches} validation batches. Methods: int8 mu-law codes in blocks of 256 with one f32 scale; "
         f"PowerSGD rank {o.powersgd_rank} (`powersgd`: each layer's weight its own [embed, ·] matrix, embedding and output head "
