@@ -125,3 +125,35 @@ def test_params_carry_logical_axes_only():
     names = {n for spec in jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(state))) for n in spec if n}
     assert names <= {"layers", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "norm"}
     assert not names & {"data", "fsdp", "tensor"}
+
+
+@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, jnp.float32), (4, 2, jnp.float32), (4, 2, jnp.bfloat16)])
+def test_attention_backward_matches_autodiff(heads, kv_heads, dtype):
+    """`attend`'s hand-written backward (no transposed [T, S] matrices) gives autodiff's gradients, masks included."""
+    from jaxbig.models.llama import attend
+
+    B, T, K = 2, 16, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, T, heads, K)).astype(dtype)
+    k, v = (jax.random.normal(kk, (B, T, kv_heads, K)).astype(dtype) for kk in keys[1:3])
+    w = jax.random.normal(keys[3], (B, T, heads, K))
+    segments_BT = jnp.asarray([[0] * 6 + [1] * 10, [0] * 16])
+    pos_T = jnp.arange(T)
+    mask_BTS = (pos_T[None, :] <= pos_T[:, None])[None] & (segments_BT[:, :, None] == segments_BT[:, None, :])
+
+    def plain(q, k, v):  # the same attention, left to autodiff
+        G = heads // kv_heads
+        logits = jnp.einsum("BTNGK,BSNK->BNGTS", q.reshape(B, T, kv_heads, G, K), k, preferred_element_type=jnp.float32) * K**-0.5
+        logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        return jnp.einsum("BNGTS,BSNK->BTNGK", probs, v).reshape(B, T, heads, K)
+
+    def loss(f, q, k, v):
+        return jnp.sum(f(q, k, v).astype(jnp.float32) * w)
+
+    np.testing.assert_allclose(attend(q, k, v, mask_BTS).astype(jnp.float32), plain(q, k, v).astype(jnp.float32), atol=1e-6 if dtype == jnp.float32 else 2e-2)
+    got = jax.grad(lambda *a: loss(lambda q, k, v: attend(q, k, v, mask_BTS), *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", got, want):
+        assert g.dtype == r.dtype == dtype
+        np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), atol=1e-5 if dtype == jnp.float32 else 5e-2, err_msg=name)

@@ -88,6 +88,65 @@ def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTHK.dtype)
 
 
+def _axes(q) -> tuple[str, str]:
+    """Einsum axes of the queries and of the [T, S] matrices: without grouping (G = 1) the G axis is dropped.
+
+    A size-1 G axis between T and S makes XLA:CPU copy every [T, S] matrix to move it.
+    """
+    return ("BTNGK", "BNTGS") if q.ndim == 5 else ("BTNK", "BNTS")
+
+
+def _attend_fwd(q, k_BSNK, v_BSNK, mask_BTS):
+    Q, P = _axes(q)
+    K = q.shape[-1]
+    # [B, N, T, (G,) S]: the order the matmul produces (batch, then the queries' free axes), so no relayout follows it
+    logits = jnp.einsum(f"{Q},BSNK->{P}", q, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
+    mask = mask_BTS[:, None, :, None, :] if q.ndim == 5 else mask_BTS[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(f"{P},BSNK->{Q}", probs.astype(v_BSNK.dtype), v_BSNK)
+    return out, (q, k_BSNK, v_BSNK, probs)
+
+
+def _attend_bwd(res, dout):
+    """The gradients of softmax attention, each matmul written so the [T, S] matrices are never transposed.
+
+    Autodiff of the forward einsums contracts the probabilities (for dv) and the logits'
+    gradient (for dk) over their query axis T. XLA:CPU's YNNPACK matmuls want the contracted
+    axis minor in the left operand, so it copies each [T, S] matrix to a transposed layout
+    first (two per layer). Here dv and dk are computed transposed, [.., K, S]: the big matrix
+    is the right operand, contracted over its rows, and only the [T, K]-sized operand and
+    result are transposed.
+    """
+    q, k_BSNK, v_BSNK, probs = res
+    Q, P = _axes(q)
+    K = q.shape[-1]
+    f32 = jnp.float32
+    dprobs = jnp.einsum(f"{Q},BSNK->{P}", dout, v_BSNK, preferred_element_type=f32)
+    dv_BNKS = jnp.einsum(f"{Q},{P}->BNKS", dout, probs.astype(v_BSNK.dtype), preferred_element_type=f32)
+    dlogits = (probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) * (K**-0.5)).astype(q.dtype)
+    dq = jnp.einsum(f"{P},BSNK->{Q}", dlogits, k_BSNK, preferred_element_type=f32)
+    dk_BNKS = jnp.einsum(f"{Q},{P}->BNKS", q, dlogits, preferred_element_type=f32)
+    to_BSNK = functools.partial(jnp.transpose, axes=(0, 3, 1, 2))
+    return dq.astype(q.dtype), to_BSNK(dk_BNKS).astype(k_BSNK.dtype), to_BSNK(dv_BNKS).astype(v_BSNK.dtype), None
+
+
+@jax.custom_vjp
+def _attend(q, k_BSNK, v_BSNK, mask_BTS):
+    return _attend_fwd(q, k_BSNK, v_BSNK, mask_BTS)[0]
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend(q_BTHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Softmax attention where `mask_BTS` holds, H query heads over N key/value heads; logits and softmax in float32."""
+    B, T, H, K = q_BTHK.shape
+    N = k_BSNK.shape[2]
+    q = q_BTHK if H == N else q_BTHK.reshape(B, T, N, H // N, K)
+    return _attend(q, k_BSNK, v_BSNK, mask_BTS).reshape(B, T, H, K)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, N, K, std, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std, cfg.param_dtype
@@ -117,20 +176,13 @@ class Attention(nnx.Module):
             key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (x_BTD.shape[0], S))
             k_BSNK, v_BSNK = k_BSNK.astype(dt), v_BSNK.astype(dt)
 
-        B, T, H, K = q_BTHK.shape
-        N = k_BSNK.shape[2]
         if self.attention == "dot_product" and cache is None:  # training/eval: keys are the queries' own sequence
             y_BTD = dense("BTHK,HKD->BTD", self._dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT), self.wo_HKD[...])
             return y_BTD, cache
-        q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
-        logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
         causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
         if segment_ids_BT is not None:  # packed rows: a token sees only its own document
             causal_BTS = causal_BTS & (segment_ids_BT[:, None, :] == segment_ids_BT[:, :, None])
-        logits_BNGTS = jnp.where(causal_BTS[:, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
-        probs_BNGTS = jax.nn.softmax(logits_BNGTS, axis=-1).astype(dt)
-        out_BTNGK = jnp.einsum("BNGTS,BSNK->BTNGK", probs_BNGTS, v_BSNK)
-        out_BTHK = out_BTNGK.reshape(B, T, H, K)
+        out_BTHK = attend(q_BTHK, k_BSNK, v_BSNK, causal_BTS)
         y_BTD = dense("BTHK,HKD->BTD", out_BTHK, self.wo_HKD[...])
         return y_BTD, cache
 
