@@ -49,7 +49,10 @@ def test_same_loss_and_same_train_step():
     for (path, new), ref, old in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_state.params), jax.tree.leaves(initial)):
         name = jax.tree_util.keystr(path)
         assert float(jnp.max(jnp.abs(new - old))) > 1e-4, f"{name} did not move in one step"
-        np.testing.assert_allclose(new, ref, atol=1e-5, rtol=0, err_msg=name)
+        # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, gradients that agree to float
+        # rounding (jaxbig's attention has its own backward, the hand-written step uses autodiff; the
+        # grads agree to 1e-6, test below) move a param by slightly different fractions of lr.
+        np.testing.assert_allclose(new, ref, atol=1e-2 * cfg.optim.learning_rate, rtol=0, err_msg=name)
 
 
 def test_same_loss_and_grads_with_tied_embeddings():
