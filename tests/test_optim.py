@@ -455,7 +455,9 @@ def test_diloco_local_start_step_is_synchronous_then_plain_diloco():
     for i in range(2, 4):
         a, a_metrics = post.step(a, post.batches[i % 3])
         b, b_metrics = local.step(b, local.batches[i % 3])
-        np.testing.assert_array_equal(a_metrics["loss"], b_metrics["loss"])
+        # The first loss comes from identical params, so it is the same bits. The next follows one step
+        # that the two compiled programs fuse differently: the same up to rounding, as the params below.
+        np.testing.assert_allclose(a_metrics["loss"], b_metrics["loss"], atol=0 if i == 2 else 1e-6, rtol=0, err_msg=f"step {i}")
         if i == 2:
             assert _max_diff(a.params, outer) == 0  # the outer params wait for the sync
     assert _max_diff(a.params, outer) > 0
