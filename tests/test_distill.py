@@ -1,4 +1,4 @@
-"""Distillation: the mixed loss, weight 0 == plain training bit for bit, no gradient into the teacher,
+"""Distillation: the mixed loss, weight 0 == plain training (within rounding), no gradient into the teacher,
 clear errors for a bad teacher, and a distilled run end to end (sharded teacher of another size, int8 export)."""
 
 import json
@@ -14,8 +14,9 @@ from jaxbig.config import ConfigError, DistillConfig, load_config
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.rules import rules_for, use_rules
 from jaxbig.train.state import init_train_state
-from jaxbig.train.step import jit_train_step, make_train_step
+from jaxbig.train.step import jit_train_step, loss_fn, make_train_step
 from jaxbig.optim import optimizer_for
+from tests.numerics import assert_close, assert_trees_close, backward_chain, forward_chain
 
 MODEL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "model.d_ff=128", "model.max_seq_len=64"]
 TEACHER = ["model.d_model=96", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=4", "model.head_dim=16", "model.d_ff=192", "model.max_seq_len=64"]
@@ -76,12 +77,21 @@ def _run(setup, distill_cfg, steps=3):
     return state, losses
 
 
-def test_weight_zero_equals_plain_training_bit_for_bit(setup):
-    plain, plain_losses = _run(setup, None)
-    distilled, losses = _run(setup, DistillConfig(teacher="x", weight=0.0, temperature=2.0))
-    assert [float(x) for x in losses] == [float(x) for x in plain_losses]
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(distilled), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+def test_weight_zero_is_plain_training(setup):
+    """With weight 0 the distillation loss and its gradients are plain training's.
+
+    Two programs (the distillation step also runs the teacher), so they agree within float32 rounding
+    (tests/numerics.py), not bit for bit; and the same optimizer applies the same gradients.
+    """
+    cfg, mesh, _, _, graphdef, state, _, t_graphdef, t_params, _, batch = setup
+    distill = make_distill_loss(graphdef, t_graphdef, DistillConfig(teacher="x", weight=0.0, temperature=2.0))
+    with jax.set_mesh(mesh), use_rules(rules_for(False)):
+        want, want_grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(state.params, graphdef, batch)
+        got, got_grads = jax.jit(jax.value_and_grad(distill))(state.params, batch, t_params)
+    B, T = batch["inputs"].shape
+    assert_close(got, want, forward_chain(cfg.model, B, T), err_msg="loss")
+    assert_trees_close(got_grads, want_grads, backward_chain(cfg.model, B, T))
+    plain, _ = _run(setup, None)
     moved, _ = _run(setup, DistillConfig(teacher="x", weight=0.5, temperature=2.0))  # and a real weight changes the result
     assert not np.array_equal(np.asarray(moved.params["lm_head_DV"]), np.asarray(plain.params["lm_head_DV"]))
 

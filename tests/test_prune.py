@@ -16,6 +16,7 @@ from jaxbig.optim import optimizer_for
 from jaxbig.parallel.mesh import make_mesh
 from jaxbig.train.state import abstract_train_state
 from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
+from tests.numerics import U32, assert_within, tolerance
 
 SMALL = [
     *TINY_MODEL,
@@ -105,7 +106,12 @@ def test_cubic_schedule_and_update_steps():
 
 def test_masks_keep_pruned_weights_exactly_zero_through_optimizer_updates():
     """adamw -> prune vs plain adamw on the same gradients: pruned entries are exactly 0.0 after
-    every update (Adam's moments would move them), kept entries are updated bit for bit as without pruning."""
+    every update (Adam's moments would move them), kept entries are updated as without pruning.
+
+    The two chains are two compiled programs: the clipping's global norm (a sum over all n gradient entries) may
+    round differently in each, within gamma_n (tests/numerics.py). Adam's update m / (sqrt(v) + eps) does not
+    change when the gradients are scaled (here |g| >> eps), so the kept entries' updates agree to that relative
+    rounding of lr, and the params to a few units of their own roundoff."""
     cfg = load_config(
         None, SMALL + ["prune.method=magnitude", "prune.sparsity=0.6", "prune.start_step=2", "prune.end_step=6", "prune.update_every=2"]
     )
@@ -116,6 +122,12 @@ def test_masks_keep_pruned_weights_exactly_zero_through_optimizer_updates():
     step = jax.jit(tx.update)
     rng = np.random.default_rng(1)
     sparsities = []
+    lr = cfg.optim.learning_rate
+    n = sum(x.size for x in jax.tree.leaves(params))  # the clipping's norm sums every gradient entry
+
+    def close(w, want, err_msg):
+        assert_within(w, want, tolerance(n, lr) + 4 * U32 * float(np.abs(want).max()), err_msg)
+
     for t in range(10):
         grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
         updates, state = step(grads, state, params)
@@ -129,9 +141,9 @@ def test_masks_keep_pruned_weights_exactly_zero_through_optimizer_updates():
             if path in flat_masks:
                 keep = flat_masks[path]
                 assert (w[~keep] == 0.0).all() and not np.signbit(w[~keep]).any(), (t, path)
-                np.testing.assert_array_equal(w[keep], flat_plain[path][keep])
+                close(w[keep], flat_plain[path][keep], f"{t} {path}")
             else:  # not pruned (norms, embedding): the plain update
-                np.testing.assert_array_equal(w, flat_plain[path])
+                close(w, flat_plain[path], f"{t} {path}")
         sparsities.append(1 - np.mean(np.concatenate([m.ravel() for m in flat_masks.values()])))
         params = new  # both continue from the pruned weights
     # updates 2, 4, 6 follow the cubic ramp from initial_sparsity 0 at step 2 to 0.6 at step 6; fixed after
