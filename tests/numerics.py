@@ -144,14 +144,6 @@ def sgd_trajectory_bound(steps: int, lr: float, n: int, grad_norm: float, param_
     return steps * (lr * tolerance(n, grad_norm) + 4 * U32 * param_scale)
 
 
-def adam_first_step_bound(lr: float, eps: float, grad_tol: float, param_scale: float) -> float:
-    """The same for Adam's (AdamW's) first step, lr * g / (|g| + eps) (+ lr * wd * p): its slope in g is
-    eps / (|g| + eps)^2 <= 1 / eps, so two gradients `grad_tol` apart give updates lr * grad_tol / eps apart.
-    With the default eps = 1e-8 that turns float rounding into a visible fraction of lr, so tests that
-    compare Adam steps set eps well above the gradients' rounding (1e-4) and say so."""
-    return lr * grad_tol / eps + 4 * U32 * (param_scale + lr)
-
-
 def assert_near_argmax(tokens_BN, logits_BNV, tol: float, err_msg: str = "") -> None:
     """Each token is a greedy choice of its row of logits: its logit is within `tol` of the row's maximum.
 
