@@ -87,8 +87,8 @@ def _token_checks(name: str, tokens_BT: tf.Tensor, vocab_size: int, max_len: int
     """Assertions that tokens_BT [B, T] holds ids in [0, vocab_size) and 1 <= T <= max_len."""
     length = tf.shape(tokens_BT)[1]
     return [
-        tf.debugging.assert_non_negative(tokens_BT, message=f"{name}: token ids must be in [0, {vocab_size}) (the model's vocab_size)"),
-        tf.debugging.assert_less(tokens_BT, vocab_size, message=f"{name}: token ids must be in [0, {vocab_size}) (the model's vocab_size)"),
+        tf.debugging.assert_non_negative(tokens_BT, message=f"{name}: token ids must be in [0, {vocab_size}) (model.vocab_size)"),
+        tf.debugging.assert_less(tokens_BT, vocab_size, message=f"{name}: token ids must be in [0, {vocab_size}) (model.vocab_size)"),
         tf.debugging.assert_greater(length, 0, message=f"{name}: the length must be at least 1"),
         tf.debugging.assert_less_equal(length, max_len, message=f"{name}: the length must be at most {max_len} (model.max_seq_len)"),
     ]
