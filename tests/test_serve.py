@@ -369,6 +369,20 @@ def _raw_http(server, headers: dict[str, str], body: bytes) -> tuple[int, bytes]
         conn.close()
 
 
+def _raw_socket(server, data: bytes) -> bytes:
+    """Bytes that are not HTTP at all, and the whole answer (the server closes the connection after it)."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(server.rest)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _tensor(dims, dtype=None, **fields):
     """A TensorProto as a client may send it, consistent or not."""
     from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -455,6 +469,12 @@ def test_fuzz_malformed_requests_get_4xx_and_the_server_keeps_answering(server, 
         if not (400 <= status < 500 and json.loads(text)["error"]):
             failures.append(("REST", "framing", headers, status, text[:300]))
         kinds[("REST", "framing")] = kinds.get(("REST", "framing"), 0) + 1
+    for data in (b"NONSENSE\r\n\r\n", b"POST /v1/models/tiny:predict HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n"):
+        head, _, text = _raw_socket(server, data).partition(b"\r\n\r\n")
+        status = int(head.split()[1]) if head.startswith(b"HTTP/") else 0
+        if not (400 <= status < 500 and json.loads(text)["error"]):
+            failures.append(("REST", "not HTTP", data[:100], head[:200], text[:300]))
+        kinds[("REST", "not HTTP")] = kinds.get(("REST", "not HTTP"), 0) + 1
 
     raw_predict = grpc.insecure_channel(server.grpc).unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
     grpc_cases = _fuzz_grpc_requests(rng)

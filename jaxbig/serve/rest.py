@@ -5,7 +5,7 @@
     POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict    row ("instances") or columnar ("inputs")
     GET  /monitoring/prometheus/metrics                          Prometheus text format
 Errors are `{"error": "<message>"}` with TF Serving's status mapping (errors.HTTP_STATUS); bodies
-over `max_request_bytes` get 413, a missing or malformed Content-Length 411/400, and what
+over `max_request_bytes` get 413, a malformed Content-Length 400, a chunked body 411, and what
 http.server itself refuses (a malformed request line or headers) the same JSON error shape. A bug
 that raises anything but a ServingError answers 500 with the exception's text, never a dropped
 connection. `http.server` is enough here: HTTP/1.1 keep-alive, a thread per connection, and no
@@ -85,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """What http.server refuses by itself (request line, headers), in TF Serving's error shape, then closes."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
         self._send(int(code), json.dumps({"error": message or HTTPStatus(code).phrase}).encode())
 
     def do_GET(self):  # noqa: N802 - http.server's naming
