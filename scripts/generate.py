@@ -6,7 +6,9 @@
 
 Greedy with --temperature 0 (the default). With --server the text is tokenized with the tokenizer
 the export recorded in its manifest.json (--model_base_path, default exports/NAME, at the version
-the server reports as latest) and the model's `generate` signature runs on the server.
+the server reports as latest) and the model's `generate` signature runs on the server. Arguments the
+model cannot honour (--temperature < 0, --seed outside int32, a prompt plus --max_new_tokens over the
+export's max_seq_len) fail with a message before the request is sent.
 """
 
 from __future__ import annotations

@@ -94,6 +94,23 @@ TF_ONLY = textwrap.dedent(
             results[f"{v}|too_long"] = np.array("accepted")
         except tf.errors.InvalidArgumentError as e:
             results[f"{v}|too_long"] = np.array(e.message)
+        ok = dict(max_new_tokens=tf.constant(3), temperature=tf.constant(0.0), seed=tf.constant(0))
+        refused = {  # what the signatures must refuse themselves, as TF Serving runs them
+            "id_256": lambda: serve(tokens=tf.constant([[256, 5, 6]])),
+            "id_-1": lambda: serve(tokens=tf.constant([[-1, 5, 6]])),
+            "id_int32_max": lambda: serve(tokens=tf.constant([[2147483647, 5]])),
+            "length_65": lambda: serve(tokens=tf.ones([1, 65], tf.int32)),
+            "prompt_id_300": lambda: gen(prompt=tf.constant([[1, 300]]), **ok),
+            "temperature_-1": lambda: gen(prompt=tf.constant([[1, 2]]), **(ok | dict(temperature=tf.constant(-1.0)))),
+            "temperature_nan": lambda: gen(prompt=tf.constant([[1, 2]]), **(ok | dict(temperature=tf.constant(float("nan"))))),
+            "max_new_tokens_0": lambda: gen(prompt=tf.constant([[1, 2]]), **(ok | dict(max_new_tokens=tf.constant(0)))),
+        }
+        for case, call in refused.items():
+            try:
+                out = call()
+                results[f"{v}|refused|{case}"] = np.array(f"accepted, finite: {all(np.isfinite(o.numpy()).all() for o in out.values())}")
+            except tf.errors.InvalidArgumentError as e:
+                results[f"{v}|refused|{case}"] = np.array("InvalidArgument: " + e.message)
         warmed = []  # replay the warmup records as TF Serving does on load
         for record in tf.data.TFRecordDataset(v + "/assets.extra/tf_serving_warmup_requests"):
             request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
@@ -237,6 +254,26 @@ def test_generate_equals_jaxbig_greedy_decoding(exported, tf_results):
     np.testing.assert_array_equal(sampled, tf_results[f"{f32}|sampled_again"])  # same seed, same tokens
     assert tf_results[f"{int8}|greedy"].shape == (2, NEW)
     assert "exceeds model.max_seq_len=64" in str(tf_results[f"{f32}|too_long"])
+
+
+REFUSED = {
+    "id_256": "tokens: token ids must be in [0, 256)",
+    "id_-1": "tokens: token ids must be in [0, 256)",
+    "id_int32_max": "tokens: token ids must be in [0, 256)",
+    "length_65": "tokens: the length must be at most 64",
+    "prompt_id_300": "prompt: token ids must be in [0, 256)",
+    "temperature_-1": "temperature must be finite and >= 0",
+    "temperature_nan": "temperature must be finite and >= 0",
+    "max_new_tokens_0": "max_new_tokens must be at least 1",
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_savedmodel_refuses_what_the_model_cannot_answer(exported, tf_results, case):
+    """In TF alone (TF Serving's view), out-of-range ids and generate arguments fail with InvalidArgument instead of NaN logits."""
+    _, _, f32, _ = exported
+    answer = str(tf_results[f"{f32}|refused|{case}"])
+    assert answer.startswith("InvalidArgument: ") and REFUSED[case] in answer, answer[:500]
 
 
 def test_warmup_records_replay(exported, tf_results):

@@ -109,7 +109,7 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out))
     try:
         write_artifacts(tmp, forward, generate, leaves)
-        savedmodel.save(tmp, leaves, forward, generate, serving, cfg.model.max_seq_len)
+        savedmodel.save(tmp, leaves, forward, generate, serving, cfg.model.max_seq_len, cfg.model.vocab_size)
         savedmodel.write_warmup(tmp, out.name, _warmup_requests(cfg.model.max_seq_len))
         manifest = {
             "format": "jaxbig-export/1",
@@ -134,11 +134,15 @@ def export_run(
             "platforms": list(PLATFORMS),
             "target": {"name": serving.name, "tensorflow": serving.tensorflow, "max_calling_convention": serving.max_calling_convention},
             "signatures": {
-                "serving_default": {"inputs": {"tokens": "int32 [B, T]"}, "outputs": {"logits": "float32 [B, T, V]"}},
+                "serving_default": {
+                    "inputs": {"tokens": "int32 [B, T]"},
+                    "outputs": {"logits": "float32 [B, T, V]"},
+                    "limit": f"0 <= tokens < {cfg.model.vocab_size}, 1 <= T <= {cfg.model.max_seq_len}",
+                },
                 "generate": {
                     "inputs": {"prompt": "int32 [B, P]", "max_new_tokens": "int32 []", "temperature": "float32 [] (0 = greedy)", "seed": "int32 []"},
                     "outputs": {"tokens": "int32 [B, max_new_tokens]"},
-                    "limit": f"P + max_new_tokens <= {cfg.model.max_seq_len}",
+                    "limit": f"0 <= prompt < {cfg.model.vocab_size}, max_new_tokens >= 1, P + max_new_tokens <= {cfg.model.max_seq_len}, temperature finite and >= 0",
                 },
             },
             "jax_artifacts": {

@@ -8,6 +8,17 @@ mirroring `jax2tf._run_exported_as_tf` (minus the sharding annotations: a single
 
 Params become non-trainable `tf.Variable`s named by param path (int8/fp8 leaves stay int8/fp8
 in `variables/`), passed to the op as arguments.
+
+Each signature asserts what the model can answer before the op runs (`tf.debugging.assert_*`, a
+control dependency of the op): token ids in [0, vocab_size), lengths within model.max_seq_len, and
+generate's max_new_tokens >= 1 and temperature finite and >= 0 (seed is int32 by its dtype).
+TF's Assert kernel fails the call with InvalidArgument, which TF Serving answers with HTTP 400 /
+INVALID_ARGUMENT. Why here and not inside the StableHLO: XLA's gather clamps out-of-range indices
+and has no data-dependent error (jax.export's `shape_assertion` checks dimension sizes only, and
+`checkify` would need an extra output for the caller to read), while the wrapper's ops run on any
+TF runtime that loads the SavedModel. The logits of valid requests are untouched: the checks only
+read the inputs. The same rules, with messages naming the input, run in the embedded server and
+the clients before a request gets here (jaxbig.serve.limits).
 """
 
 from __future__ import annotations
@@ -72,8 +83,19 @@ class Params(tf.Module):
         self.params = [tf.Variable(a, trainable=False, name=n) for n, a in leaves]
 
 
+def _token_checks(name: str, tokens_BT: tf.Tensor, vocab_size: int, max_len: int) -> list:
+    """Assertions that tokens_BT [B, T] holds ids in [0, vocab_size) and 1 <= T <= max_len."""
+    length = tf.shape(tokens_BT)[1]
+    return [
+        tf.debugging.assert_non_negative(tokens_BT, message=f"{name}: token ids must be in [0, {vocab_size}) (model.vocab_size)"),
+        tf.debugging.assert_less(tokens_BT, vocab_size, message=f"{name}: token ids must be in [0, {vocab_size}) (model.vocab_size)"),
+        tf.debugging.assert_greater(length, 0, message=f"{name}: the length must be at least 1"),
+        tf.debugging.assert_less_equal(length, max_len, message=f"{name}: the length must be at most {max_len} (model.max_seq_len)"),
+    ]
+
+
 def save(
-    path: Path, leaves: Leaves, forward: export.Exported, generate: export.Exported, target: ServingTarget, max_seq_len: int
+    path: Path, leaves: Leaves, forward: export.Exported, generate: export.Exported, target: ServingTarget, max_seq_len: int, vocab_size: int
 ) -> None:
     """Writes the SavedModel. The tf.functions are signatures only, not module attributes, so each is
     traced and stored once (as attributes they were stored twice: 2x the module bytes in saved_model.pb)."""
@@ -83,7 +105,8 @@ def save(
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
     def serve(tokens):
         """tokens [B, T] int32 -> logits [B, T, V] float32: next-token logits at every position."""
-        (logits,) = call_exported([*module.params, tokens], forward, forward_module)
+        with tf.control_dependencies(_token_checks("tokens", tokens, vocab_size, max_seq_len)):
+            (logits,) = call_exported([*module.params, tokens], forward, forward_module)
         return {"logits": logits}
 
     @tf.function(
@@ -99,9 +122,10 @@ def save(
         """prompt [B, P] int32 -> tokens [B, max_new_tokens] int32 (greedy at temperature 0)."""
         total = tf.shape(prompt)[1] + max_new_tokens
         checks = [
+            *_token_checks("prompt", prompt, vocab_size, max_seq_len - 1),
             tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be at least 1"),
-            tf.debugging.assert_greater(tf.shape(prompt)[1], 0, message="the prompt must hold at least one token"),
             tf.debugging.assert_less_equal(total, max_seq_len, message=f"prompt length + max_new_tokens exceeds model.max_seq_len={max_seq_len}"),
+            tf.debugging.Assert(tf.math.is_finite(temperature) & (temperature >= 0), ["temperature must be finite and >= 0 (0 = greedy); got", temperature]),
         ]
         with tf.control_dependencies(checks):
             (tokens,) = call_exported([*module.params, prompt, max_new_tokens, temperature, seed], generate, generate_module)

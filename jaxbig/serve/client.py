@@ -9,6 +9,10 @@
 
 Both raise `ServingError` carrying the server's status code and message (TF Serving's error JSON
 `{"error": ...}` or the gRPC status). They hold a keep-alive session / channel: reuse one per thread.
+Given the model's limits (`limits=ModelLimits.read(version_dir)`, as `served_text` does from the
+export's manifest), `predict` checks a request as the embedded server would (jaxbig.serve.limits)
+and raises ServingError(INVALID_ARGUMENT) before anything is sent; `generate_text` checks its
+arguments (temperature, seed, max_new_tokens) even without them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 
 from jaxbig.config import ConfigError
 from jaxbig.serve.errors import HTTP_STATUS, ServingError
+from jaxbig.serve.limits import ModelLimits, check_generate_args
 
 _FROM_HTTP = {v: k for k, v in reversed(list(HTTP_STATUS.items()))}
 
@@ -36,11 +41,25 @@ def _path(model: str, version: int | None, label: str | None) -> str:
     return f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else f"/labels/{label}" if label else "")
 
 
+class NotSent(ServingError):
+    """A request the client refused to send; the server would have answered it with this error."""
+
+
+def _check(limits: ModelLimits | None, signature: str, inputs: dict[str, Any]) -> None:
+    try:
+        if signature == "generate" and {"max_new_tokens", "temperature", "seed"} <= set(inputs):
+            check_generate_args(inputs["max_new_tokens"], inputs["temperature"], inputs["seed"])
+        if limits is not None:
+            limits.check(signature or "serving_default", inputs)
+    except ServingError as e:
+        raise NotSent(e.code, e.message) from None
+
+
 class RestClient:
-    def __init__(self, server: str, model: str, *, timeout: float = 60.0):
+    def __init__(self, server: str, model: str, *, timeout: float = 60.0, limits: ModelLimits | None = None):
         import requests  # the de-facto HTTP client, with connection pooling and keep-alive
 
-        self.base, self.model, self.timeout = _base_url(server), model, timeout
+        self.base, self.model, self.timeout, self.limits = _base_url(server), model, timeout, limits
         self.session = requests.Session()
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
@@ -65,6 +84,7 @@ class RestClient:
 
     def predict(self, inputs: dict[str, Any], *, signature: str = "", version: int | None = None, label: str | None = None) -> dict[str, np.ndarray]:
         """Columnar request; returns {output name: array} (the name comes from metadata when the server drops it)."""
+        _check(self.limits, signature, inputs)
         body: dict = {"inputs": {k: np.asarray(v).tolist() for k, v in inputs.items()}}
         if signature:
             body["signature_name"] = signature
@@ -84,10 +104,10 @@ class RestClient:
 
 
 class GrpcClient:
-    def __init__(self, server: str, model: str, *, timeout: float = 60.0, max_message_bytes: int = 64 << 20):
+    def __init__(self, server: str, model: str, *, timeout: float = 60.0, max_message_bytes: int = 64 << 20, limits: ModelLimits | None = None):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-        self.model, self.timeout = model, timeout
+        self.model, self.timeout, self.limits = model, timeout, limits
         self.channel = grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)])
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
@@ -112,6 +132,7 @@ class GrpcClient:
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
+        _check(self.limits, signature, inputs)
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, signature, version, label)
         for k, v in inputs.items():
@@ -155,10 +176,15 @@ def load_tokenizer(manifest_path: str | Path):
 
 
 def generate_text(client: RestClient | GrpcClient, prompt: str, *, tokenizer, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, version: int | None = None) -> str:
-    """Tokenizes `prompt`, calls the `generate` signature, and decodes the continuation (up to EOS)."""
+    """Tokenizes `prompt`, calls the `generate` signature, and decodes the continuation (up to EOS).
+
+    Arguments the model cannot honour raise NotSent (a ServingError, INVALID_ARGUMENT) before anything is sent.
+    """
     prompt_P = tokenizer.encode(prompt)
     if len(prompt_P) == 0:
         raise ConfigError("the prompt is empty; give at least one character, e.g. --prompt 'def '")
+    # checked before the int32/float32 conversions below, which would wrap or overflow bad values
+    _check(client.limits, "generate", {"prompt": np.asarray(prompt_P)[None], "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed})
     inputs = {
         "prompt": np.asarray(prompt_P, np.int32)[None],
         "max_new_tokens": np.int32(max_new_tokens),
@@ -170,8 +196,21 @@ def generate_text(client: RestClient | GrpcClient, prompt: str, *, tokenizer, ma
     return tokenizer.decode(ids[: eos[0]] if len(eos) else ids)
 
 
-def served_text(server: str, model: str, prompt: str, *, grpc: bool = False, model_base_path: str | Path | None = None, **kwargs) -> str:
-    """`generate_text` against a server, with the tokenizer from the export of the version it serves as latest."""
+def served_text(
+    server: str, model: str, prompt: str, *, grpc: bool = False, model_base_path: str | Path | None = None,
+    max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+) -> str:
+    """`generate_text` against a server, with the tokenizer and limits from the export of the version it serves as latest.
+
+    Bad arguments are a ConfigError before the generate request is sent: the ones any model refuses before
+    the server is contacted, the ones that depend on the export (prompt length, vocabulary) once its
+    manifest is read.
+    """
+    args = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    try:
+        _check(None, "generate", args)
+    except NotSent as e:
+        raise ConfigError(f"not sent: {e.message}") from None
     client = GrpcClient(server, model) if grpc else RestClient(server, model)
     try:
         available = client.available_versions()
@@ -182,8 +221,12 @@ def served_text(server: str, model: str, prompt: str, *, grpc: bool = False, mod
     if not available:
         raise ConfigError(f"model {model!r} on {server} has no AVAILABLE version yet")
     version = max(available)
-    tokenizer = load_tokenizer(Path(model_base_path or Path("exports") / model) / str(version) / "manifest.json")
+    version_dir = Path(model_base_path or Path("exports") / model) / str(version)
+    tokenizer = load_tokenizer(version_dir / "manifest.json")
+    client.limits = ModelLimits.read(version_dir)
     try:
-        return generate_text(client, prompt, tokenizer=tokenizer, version=version, **kwargs)
+        return generate_text(client, prompt, tokenizer=tokenizer, version=version, **args)
+    except NotSent as e:
+        raise ConfigError(f"not sent: {e.message}") from None
     except ServingError as e:
         raise ConfigError(f"the server refused the request: {e.code.name}: {e.message}") from None

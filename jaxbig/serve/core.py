@@ -2,7 +2,10 @@
 
 Predict checks a request against the signature as TF Serving does before running it
 (predict_util.cc: the set of inputs; then dtype and rank, which TF's session checks there),
-and, beyond TF Serving, refuses empty batches up front instead of running the model on them.
+and, beyond TF Serving, refuses empty batches up front instead of running the model on them,
+then checks it against the model's limits from the export's manifest (jaxbig.serve.limits:
+token ids in the vocabulary, lengths, generate's arguments). Both run here, above the runtime
+that serves the version, so every runtime gets the same checks.
 """
 
 from __future__ import annotations
@@ -26,42 +29,71 @@ def input_dtypes(servable: Servable, signature: str) -> dict[str, str]:
     return {k: tf_dtype_name(inputs[k].dtype) for k in sorted(inputs)}
 
 
+UNKNOWN_RANK = 16  # what an input of unknown rank may have, for the JSON nesting limit (jaxbig's inputs have known ranks)
+
+
+def max_input_rank(servable: Servable) -> int:
+    """The largest rank among the inputs of all the version's signatures (how deep a request may nest)."""
+    shapes = [t.tensor_shape for sig in servable.signature_defs.values() for t in sig.inputs.values()]
+    return max((UNKNOWN_RANK if s.unknown_rank else len(s.dim) for s in shapes), default=0)
+
+
 class ServingCore:
     def __init__(self, manager: ModelManager, batching: BatchingParameters | None, on_batch=lambda rows, requests: None):
         self.manager = manager
         self.batcher = Batcher(batching, on_batch) if batching is not None else None
 
-    def check_inputs(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray]) -> None:
-        sig = servable.signature_defs[signature]
-        wanted, sent = set(sig.inputs), set(inputs)
+    def signature_def(self, servable: Servable, signature: str):
+        """The SignatureDef a request names ('' is serving_default); FAILED_PRECONDITION when the version lacks it."""
+        signature = signature or DEFAULT_SIGNATURE
+        if signature not in servable.functions:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
+        return servable.signature_defs[signature]
+
+    @staticmethod
+    def check_input_names(sig, signature: str, sent: set[str]) -> None:
+        wanted = set(sig.inputs)
         if wanted != sent:
             raise invalid_argument(
                 f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sorted(sent))}}}) != "
                 f"len({{{','.join(sorted(wanted))}}}). Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
                 f"Missing but required: {{{','.join(sorted(wanted - sent))}}}."
             )
-        for name in sorted(wanted):
-            info, arr = sig.inputs[name], inputs[name]
-            dtype = np.dtype(numpy_dtype(info.dtype))
-            if arr.dtype != dtype:
-                raise invalid_argument(f"Expects arg '{name}' of signature '{signature}' to be {tf_dtype_name(info.dtype)} but {arr.dtype.name} is provided")
-            if info.tensor_shape.unknown_rank:
-                continue
+
+    @staticmethod
+    def dtype_error(info, signature: str, name: str, sent: str) -> ServingError:
+        return invalid_argument(f"Expects arg '{name}' of signature '{signature}' to be {tf_dtype_name(info.dtype)} but {sent} is provided")
+
+    @staticmethod
+    def check_shape(info, signature: str, name: str, shape: list[int]) -> None:
+        """`shape` (an array's, or what a TensorProto declares) against the signature's; no empty tensors."""
+        if any(s < 0 for s in shape):
+            raise invalid_argument(f"input '{name}' of signature '{signature}' has shape {shape}; dimensions cannot be negative")
+        if not info.tensor_shape.unknown_rank:
             dims = [d.size for d in info.tensor_shape.dim]
-            if arr.ndim != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, arr.shape)):
-                raise invalid_argument(f"input '{name}' of signature '{signature}' has shape {list(arr.shape)}; the signature expects {dims} (-1: any size)")
-            if arr.ndim and arr.shape[0] == 0:
-                raise invalid_argument(f"input '{name}' of signature '{signature}' has a batch of 0 rows (shape {list(arr.shape)}); send at least one")
-            if arr.size == 0:
-                raise invalid_argument(f"input '{name}' of signature '{signature}' is empty (shape {list(arr.shape)}); every dimension needs at least one element")
+            if len(shape) != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, shape)):
+                raise invalid_argument(f"input '{name}' of signature '{signature}' has shape {shape}; the signature expects {dims} (-1: any size)")
+        if shape and shape[0] == 0:
+            raise invalid_argument(f"input '{name}' of signature '{signature}' has a batch of 0 rows (shape {shape}); send at least one")
+        if 0 in shape:
+            raise invalid_argument(f"input '{name}' of signature '{signature}' is empty (shape {shape}); every dimension needs at least one element")
+
+    def check_inputs(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray]) -> None:
+        sig = servable.signature_defs[signature]
+        self.check_input_names(sig, signature, set(inputs))
+        for name in sorted(sig.inputs):
+            info, arr = sig.inputs[name], inputs[name]
+            if arr.dtype != np.dtype(numpy_dtype(info.dtype)):
+                raise self.dtype_error(info, signature, name, arr.dtype.name)
+            self.check_shape(info, signature, name, list(arr.shape))
 
     def run(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray], output_filter=()) -> dict[str, np.ndarray]:
         """Validated inputs -> outputs of one version's signature, batched with other requests when enabled."""
         signature = signature or DEFAULT_SIGNATURE
-        if signature not in servable.functions:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
+        outputs_known = self.signature_def(servable, signature).outputs
         self.check_inputs(servable, signature, inputs)
-        outputs_known = servable.signature_defs[signature].outputs
+        if servable.limits is not None:
+            servable.limits.check(signature, inputs)
         for alias in output_filter:
             if alias not in outputs_known:
                 raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set {{{','.join(sorted(outputs_known))}}}.")
@@ -75,10 +107,6 @@ class ServingCore:
         key = batch_key(inputs) if self.batcher is not None else None
         outputs = call(inputs) if key is None else self.batcher.submit((id(servable), signature, key), inputs, call)
         return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
-
-    def predict(self, spec: ModelSpec, signature: str, inputs: dict[str, np.ndarray], output_filter=()) -> tuple[int, dict[str, np.ndarray]]:
-        with self.manager.acquire(spec) as servable:
-            return servable.version, self.run(servable, signature, inputs, output_filter)
 
     def status_proto(self, spec: ModelSpec):
         from tensorflow_serving.apis import get_model_status_pb2

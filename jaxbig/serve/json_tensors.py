@@ -7,11 +7,17 @@ their messages are json_tensor.cc's (a float where int32 is expected is "JSON Va
 Number is not of expected type: int32"). Responses: `{"predictions": [...]}` for row requests,
 `{"outputs": ...}` for columnar ones; with one output tensor its name is dropped.
 Written here rather than borrowed: TF Serving's converter is C++ and no Python package carries it.
+
+Nesting: Python's json parser and the converters below recurse once per level, so a body of
+100,000 '[' would end in RecursionError inside the handler. `parse_json` first measures the
+body's nesting depth without recursion (`nesting_depth`) and refuses anything deeper than the
+signature's rank plus the JSON envelope (`depth_limit`) before the parser runs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import grpc
@@ -96,12 +102,42 @@ def to_array(value: Any, dtype: str) -> np.ndarray:
     return np.array(flat, dtype=np.dtype(dtype) if dtype != "bfloat16" else np.float32).reshape(shape)
 
 
-def parse_json(body: bytes) -> dict:
+# The levels a valid request adds around a tensor of the signature's rank: the request object,
+# 'inputs' as an object of named inputs or 'instances' as a list of objects, and a {"b64": ...} leaf
+# ({"instances": [...]} puts the batch dimension itself in the list, so it adds 1 level, not 2).
+ENVELOPE_DEPTH = 3
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string with its escapes
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEP = np.zeros(256, np.int32)
+_STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+
+
+def depth_limit(max_rank: int) -> int:
+    """The deepest nesting a request for inputs of rank <= max_rank can need."""
+    return max_rank + ENVELOPE_DEPTH
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, outside its strings; no recursion (C-speed passes)."""
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return int(np.cumsum(_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32).max())
+
+
+def parse_json(body: bytes, max_depth: int) -> dict:
+    """The request body as a JSON object; anything unparsable, or nested deeper than max_depth, is InvalidArgument."""
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
+    depth = nesting_depth(body)
+    if depth > max_depth:
+        raise invalid_argument(
+            f"JSON Parse error: arrays and objects nest {depth} levels deep; this model's signatures need at most {max_depth} "
+            f"(the inputs' rank + {ENVELOPE_DEPTH} for the request object, 'inputs'/'instances' and b64 objects)"
+        )
     try:
         doc = json.loads(body)  # accepts NaN and Infinity, as TF Serving's kParseNanAndInfFlag does
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and int() refusing more than 4300 digits
         raise invalid_argument(f"JSON Parse error: {getattr(e, 'msg', e)} at offset: {getattr(e, 'pos', 0)}") from None
     if not isinstance(doc, dict):
         raise invalid_argument(f"JSON Value: {_debug(doc)} Is not object")

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxbig.config import ConfigError
 from jaxbig.serve.errors import invalid_argument, not_found
+from jaxbig.serve.limits import ModelLimits
 
 log = logging.getLogger(__name__)
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -37,7 +38,8 @@ class VersionState:
 
 
 class Servable:
-    """One loaded version: the TF object, its signature functions and its SignatureDefs (the metadata)."""
+    """One loaded version: the TF object, its signature functions, its SignatureDefs (the metadata), and
+    the model's limits from the export's manifest.json (None for a SavedModel jaxbig did not export)."""
 
     def __init__(self, name: str, version: int, path: Path, *, warmup: bool = True):
         import tensorflow as tf
@@ -50,6 +52,7 @@ class Servable:
             raise ValueError(f"{path} has no MetaGraph tagged 'serve'")
         self.signature_defs = meta[0].signature_def  # name -> tensorflow.SignatureDef
         self.functions = dict(self.model.signatures)
+        self.limits = ModelLimits.read(path)
         self.inflight = 0  # requests holding this version (guarded by the manager's lock)
         if warmup:
             self._warm_up()
