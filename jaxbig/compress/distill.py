@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxbig.config import Config, ConfigError, DistillConfig
-from jaxbig.parallel.pipeline import LayerRunner, scan_layers
-
-Params = dict[str, Any]
+from jaxbig.models import Params
+from jaxbig.models.layers import LayerRunner, scan_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,22 @@
-"""Models. They name logical axes only; see `jaxbig.parallel.rules` for the mesh mapping."""
+"""Models. They name logical axes only; `jaxbig.parallel.rules` maps them to mesh axes.
+
+This package imports nothing from `jaxbig.parallel`, `jaxbig.train` or `jaxbig.optim`: what a
+mesh means to the model comes in through hooks (`use_constrain`, `use_dense`) and layer runners
+(`jaxbig.models.layers`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 from flax import nnx
 
 from jaxbig.config import ModelConfig
-from jaxbig.models.llama import KVCache, Llama, init_cache
+from jaxbig.models.layers import LayerBody, LayerRunner, scan_layers, unrolled_layers
+from jaxbig.models.llama import KVCache, Llama, constrain, init_cache, set_default_constrain, use_constrain, use_dense
+
+Params = dict[str, Any]  # nested dict of arrays, as `nnx.to_pure_dict` gives it
 
 
 def create_model(cfg: ModelConfig, seed: int) -> Llama:
@@ -35,4 +45,26 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return box["graphdef"], state
 
 
-__all__ = ["KVCache", "Llama", "abstract_model", "create_model", "init_cache"]
+def logical_axes(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graphdef, abstract params, logical PartitionSpecs) with nothing allocated."""
+    graphdef, abstract = abstract_model(cfg)
+    return graphdef, nnx.to_pure_dict(abstract), nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+
+
+__all__ = [
+    "KVCache",
+    "LayerBody",
+    "LayerRunner",
+    "Llama",
+    "Params",
+    "abstract_model",
+    "constrain",
+    "create_model",
+    "init_cache",
+    "logical_axes",
+    "scan_layers",
+    "set_default_constrain",
+    "unrolled_layers",
+    "use_constrain",
+    "use_dense",
+]

@@ -6,8 +6,11 @@ Shape letters (used in names and einsum strings everywhere in jaxbig):
 
 Params are float32 (or `param_dtype`) and are cast to the compute `dtype` at use. Every
 param names its *logical* axes in `out_sharding` metadata; `jaxbig.parallel.rules` maps
-them to mesh axes. Layers are stacked on a leading `layers` axis and run by a layer runner:
-`lax.scan`, or a pipeline schedule over that axis (`jaxbig.parallel.pipeline`).
+them to mesh axes. Layers are stacked on a leading `layers` axis and run by a layer runner
+(`jaxbig.models.layers`): `lax.scan`, or a pipeline schedule over that axis (`jaxbig.parallel.pipeline`).
+Two hooks are read at trace time and installed from outside: `dense` (how weight matmuls run) and
+`constrain` (what an activation's logical axes mean on a mesh); this package imports nothing
+from `jaxbig.parallel`, `jaxbig.train` or `jaxbig.optim`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,8 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbig.config import ModelConfig
-from jaxbig.parallel.pipeline import LayerRunner, scan_layers, unrolled_layers
-from jaxbig.parallel.rules import constrain
+from jaxbig.models.layers import LayerRunner, scan_layers, unrolled_layers
 
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, N, K], "v": [L, B, S, N, K]}
 
@@ -58,6 +60,38 @@ def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type: Any = N
     if fn is None:
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
     return fn(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+# Activations name their logical axes through `constrain`, which calls the implementation this
+# context holds (read at trace time, like `dense`). The model knows no mesh: the mesh layer
+# supplies what a constraint does. `jaxbig.parallel.rules.use_rules(rules)` installs its
+# implementation for a block; `set_default_constrain` sets the one used outside such blocks,
+# which `jaxbig.parallel.rules` does when imported (its default rules), so code that only enters
+# `jax.set_mesh` keeps the rules' activation layout. With neither, `constrain` returns x as is.
+ConstrainFn = Callable[[jax.Array, Sequence[str | None]], jax.Array]  # (x, logical axis names) -> x
+_CONSTRAIN: contextvars.ContextVar[ConstrainFn | None] = contextvars.ContextVar("jaxbig_constrain", default=None)
+_DEFAULT_CONSTRAIN: list[ConstrainFn | None] = [None]
+
+
+def set_default_constrain(fn: ConstrainFn | None) -> None:
+    """The `constrain` implementation used outside any `use_constrain` block."""
+    _DEFAULT_CONSTRAIN[0] = fn
+
+
+@contextlib.contextmanager
+def use_constrain(fn: ConstrainFn | None) -> Iterator[None]:
+    """Activation constraints traced inside this block run `fn(x, logical)`."""
+    token = _CONSTRAIN.set(fn)
+    try:
+        yield
+    finally:
+        _CONSTRAIN.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's layout by its logical axis names (see `use_constrain`)."""
+    fn = _CONSTRAIN.get() or _DEFAULT_CONSTRAIN[0]
+    return x if fn is None else fn(x, logical)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any, logical: tuple[str, ...]) -> nnx.Param:
@@ -268,7 +302,7 @@ class Llama(nnx.Module):
         `positions_BT` restarting at each segment with it.
 
         `run_layers` applies the stacked blocks (a plain scan, or a pipeline schedule that
-        `jaxbig.parallel` builds for the mesh); decoding with a cache always scans.
+        `jaxbig.parallel.pipeline` builds for the mesh); decoding with a cache always scans.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype())

@@ -13,8 +13,10 @@ import jax
 import optax
 
 from jaxbig.config import Config, ConfigError, OptimConfig
+from jaxbig.models import logical_axes
 from jaxbig.optim import compression, local_sgd
 from jaxbig.optim.compression import MatrixView
+from jaxbig.parallel.rules import logical_to_spec
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -173,9 +175,6 @@ def optimizer_for(cfg: Config, mesh_shape: dict[str, int]) -> tuple[optax.Gradie
         )
     views = shard_specs = None
     if cfg.optim.compression != "none":
-        from jaxbig.parallel.rules import logical_to_spec
-        from jaxbig.train.state import logical_axes  # the model's logical axes (a lazy import: train.state imports optim)
-
         _, abstract, logical = logical_axes(cfg.model)
         views = matrix_views(logical, cfg.optim.powersgd_view, vocab=cfg.optim.powersgd_vocab)
         if any(size > 1 for axis, size in mesh_shape.items() if axis != "data"):

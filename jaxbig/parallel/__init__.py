@@ -1,7 +1,7 @@
-"""Meshes, the logical -> mesh axis rules and the layer runners (pipeline schedules). Models never import mesh axis names from here."""
+"""Meshes, the logical -> mesh axis rules and the pipeline schedules (layer runners over a mesh axis). Models never import from here."""
 
 from jaxbig.parallel.mesh import MESH_AXES, MeshError, check_fits, make_mesh, parse_mesh_spec, resolve_mesh_sizes
-from jaxbig.parallel.pipeline import bubble_fraction, layer_runner, scan_layers
+from jaxbig.parallel.pipeline import bubble_fraction, layer_runner
 from jaxbig.parallel.rules import RULES, constrain, logical_to_spec, tree_shardings
 
 __all__ = [
@@ -16,6 +16,5 @@ __all__ = [
     "make_mesh",
     "parse_mesh_spec",
     "resolve_mesh_sizes",
-    "scan_layers",
     "tree_shardings",
 ]

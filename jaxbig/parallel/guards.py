@@ -1,7 +1,7 @@
 """Layout guards: refuse a mesh that cannot shard the model the way the user asked, naming the numbers.
 
-Two checks run before anything is allocated (`check_layout`, called by the train loop and by
-`scripts/plan.py`):
+Two checks run before anything is allocated (`check_layout`, called by `jaxbig.train.setup.check_run`
+for the train loop and the planner alike):
 
 1. Divisibility, with the numbers and the nearest sizes that work:
    - tensor > 1: `model.num_heads`, `model.d_ff` and `model.vocab_size` must be multiples of
@@ -24,8 +24,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxbig.config import ConfigError, ModelConfig
+from jaxbig.models import Params, logical_axes
 from jaxbig.parallel.rules import tree_shardings
-from jaxbig.train.state import Params, logical_axes
 
 FSDP_REPLICATED_TOLERANCE = 0.02  # share of param bytes allowed to stay whole on every fsdp shard
 

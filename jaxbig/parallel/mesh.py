@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jaxbig.config import Config, ConfigError, MeshConfig
+from jaxbig.parallel.guards import check_divisibility
 from jaxbig.parallel.pipeline import check_pipeline
 
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
@@ -107,7 +108,5 @@ def check_fits(cfg: Config, mesh_shape: Mapping[str, int]) -> None:
     layers, microbatches and the batch over the pipeline (`jaxbig.parallel.pipeline.check_pipeline`).
     The batch vs data x fsdp check is the data pipeline's (`check_batch_divides`).
     """
-    from jaxbig.parallel.guards import check_divisibility  # guards imports the train state, which imports this package
-
     check_divisibility(cfg.model, dict(mesh_shape))
     check_pipeline(cfg, mesh_shape)

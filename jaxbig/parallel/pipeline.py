@@ -1,11 +1,11 @@
 """Pipeline parallelism: GPipe and circular (interleaved) schedules under `jax.shard_map` with `ppermute`.
 
-The model runs its stacked layers through a *layer runner*, `run(body, layers, x_BTD, side)`:
-`body(layer, x_BTD, side) -> x_BTD` applies one layer, `layers` is the stacked params
-(leading axis L), `side` is per-row data every layer reads (the positions). Without a
-pipeline the runner is `scan_layers`, a plain `lax.scan`; with `pipeline > 1` on the mesh it
-is `pipeline_layers`, which runs the same body under a schedule. The model never names a
-mesh axis; this module is the only place that knows the `pipeline` axis moves activations.
+The model runs its stacked layers through a *layer runner*, `run(body, layers, x_BTD, side)`
+(`jaxbig.models.layers`): `body(layer, x_BTD, side) -> x_BTD` applies one layer, `layers` is
+the stacked params (leading axis L), `side` is per-row data every layer reads (the positions).
+Without a pipeline the runner is `scan_layers`, a plain `lax.scan`; with `pipeline > 1` on the
+mesh it is `pipeline_layers`, which runs the same body under a schedule. The model never names
+a mesh axis; this module is the only place that knows the `pipeline` axis moves activations.
 
 Letters: p stages (the mesh's pipeline axis), m microbatches, v repeats (virtual stages per
 device, circular only), n = L / (p·v) layers per chunk, b = B/m rows per microbatch.
@@ -51,7 +51,7 @@ model's own per-layer remat (`model.remat`) still applies inside the recomputati
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,30 +60,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxbig.config import Config, ConfigError, ParallelConfig
+from jaxbig.models.layers import LayerBody, LayerRunner, scan_layers
 
 AXIS = "pipeline"
-
-LayerBody = Callable[[Any, jax.Array, Any], jax.Array]  # (one layer's params, x_BTD, side) -> x_BTD
-LayerRunner = Callable[[LayerBody, Any, jax.Array, Any], jax.Array]  # (body, layers [L, ...], x_BTD, side) -> x_BTD
-
-
-def scan_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any) -> jax.Array:
-    """The layers one after another, no pipeline: `lax.scan` over the leading axis of `layers`."""
-
-    def step(x_BTD, layer):
-        return body(layer, x_BTD, side), None
-
-    return lax.scan(step, x_BTD, layers)[0]
-
-
-def unrolled_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any) -> jax.Array:
-    """`scan_layers` fully unrolled (`model.scan_layers=false`): one copy of the layer per layer in the program."""
-
-    def step(x_BTD, layer):
-        return body(layer, x_BTD, side), None
-
-    return lax.scan(step, x_BTD, layers, unroll=True)[0]
-
 
 # --------------------------------------------------------------------------- the timetable
 
@@ -315,7 +294,6 @@ def pipeline_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any, *
 
 
 __all__ = [
-    "LayerRunner",
     "bubble_fraction",
     "check_pipeline",
     "idle_steps",
@@ -323,7 +301,6 @@ __all__ = [
     "num_microbatches",
     "num_steps",
     "pipeline_layers",
-    "scan_layers",
     "timetable",
     "work",
 ]

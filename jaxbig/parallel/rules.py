@@ -2,7 +2,8 @@
 
 Models name logical axes only (`embed`, `mlp`, `heads`, ...). This table says which mesh
 axes each logical axis is split over; `logical_to_spec` turns a tuple of logical names
-into a `PartitionSpec` for a concrete array shape and mesh.
+into a `PartitionSpec` for a concrete array shape and mesh. Activations reach the rules
+through the model's `constrain` hook, which `use_rules` installs.
 
 Layout (Megatron + ZeRO-3):
 - weights: `embed` over fsdp (each fsdp shard holds a slice, all-gathered on use);
@@ -25,11 +26,13 @@ vocab over tensor; d_model over fsdp) are refused up front by `jaxbig.parallel.g
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import functools
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxbig.models import set_default_constrain, use_constrain
 
 # (logical axis, mesh axes it is split over, in order). Unlisted logical axes are replicated.
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -97,9 +100,6 @@ def tree_shardings(logical_tree, abstract_tree, mesh: jax.sharding.Mesh, rules=R
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-_ACTIVE_RULES: contextvars.ContextVar[tuple[tuple[str, tuple[str, ...]], ...]] = contextvars.ContextVar("jaxbig_rules", default=RULES)
-
-
 def rules_for(sequence_parallel: bool = False) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The rules a run uses: `RULES`, with the residual stream split over tensor along the sequence
     when `sequence_parallel` (Korthikanti et al. 2022: the per-layer all-reduce becomes a
@@ -112,15 +112,15 @@ def rules_for(sequence_parallel: bool = False) -> tuple[tuple[str, tuple[str, ..
 
 @contextlib.contextmanager
 def use_rules(rules: Sequence[tuple[str, tuple[str, ...]]]):
-    """Activation constraints traced inside this block follow `rules` (params always follow `RULES`)."""
-    token = _ACTIVE_RULES.set(tuple(rules))
-    try:
+    """Activation constraints traced inside this block follow `rules` (params always follow `RULES`).
+
+    Installs `constrain` with these rules as the model's constrain hook (`jaxbig.models.use_constrain`).
+    """
+    with use_constrain(functools.partial(constrain, rules=tuple(rules))):
         yield
-    finally:
-        _ACTIVE_RULES.reset(token)
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, logical: Sequence[str | None], rules: Sequence[tuple[str, tuple[str, ...]]] = RULES) -> jax.Array:
     """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`.
 
     Axes a surrounding `shard_map` made manual (the pipeline's) are not constrained: inside it
@@ -130,5 +130,10 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     auto = {k: v for k, v in mesh.shape.items() if k not in mesh.manual_axes}
-    spec = logical_to_spec(logical, x.shape, auto, _ACTIVE_RULES.get())
+    spec = logical_to_spec(logical, x.shape, auto, rules)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# Outside `use_rules`, a model traced under `jax.set_mesh` constrains its activations by `RULES`
+# (the same default `use_rules` had before the hook moved into `jaxbig.models`).
+set_default_constrain(constrain)

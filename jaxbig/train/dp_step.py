@@ -23,9 +23,10 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxbig.data.pipeline import Batch
+from jaxbig.models import Params
 from jaxbig.optim.local_sgd import LocalSGD
 from jaxbig.optim.per_replica import DATA_AXIS, manual_specs
-from jaxbig.train.state import Params, TrainState
+from jaxbig.train.state import TrainState
 from jaxbig.train.step import accumulated_value_and_grad
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +11,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxbig.config import ModelConfig
-from jaxbig.models import abstract_model, create_model
+from jaxbig.models import Params, create_model, logical_axes
 from jaxbig.optim.per_replica import opt_state_shardings
 from jaxbig.parallel.rules import tree_shardings
-
-Params = dict[str, Any]  # nested dict of arrays, as `nnx.to_pure_dict` gives it
 
 
 @jax.tree_util.register_dataclass
@@ -25,12 +22,6 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     params: Params
     opt_state: optax.OptState
-
-
-def logical_axes(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
-    """(graphdef, abstract params, logical PartitionSpecs) with nothing allocated."""
-    graphdef, abstract = abstract_model(cfg)
-    return graphdef, nnx.to_pure_dict(abstract), nnx.to_pure_dict(nnx.get_partition_spec(abstract))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:

@@ -8,9 +8,10 @@ import optax
 from flax import nnx
 
 from jaxbig.data.pipeline import Batch
+from jaxbig.models import Params
+from jaxbig.models.layers import LayerRunner, scan_layers
 from jaxbig.optim import nonfinite_metrics
-from jaxbig.parallel.pipeline import LayerRunner, scan_layers
-from jaxbig.train.state import Params, TrainState
+from jaxbig.train.state import TrainState
 
 # Batch keys: raw-text windows, and packed rows (`jaxbig.data.packed`) with document segments.
 BATCH_KEYS = {False: ("inputs", "targets"), True: ("inputs", "targets", "segment_ids", "positions")}
