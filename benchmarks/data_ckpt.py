@@ -61,7 +61,7 @@ def save_restore(run_dir: Path, repeats: int = 3) -> dict[str, float]:
     from jaxbig.checkpoint import Checkpoints
     from jaxbig.optim import optimizer_for
     from jaxbig.parallel.mesh import make_mesh
-    from jaxbig.train.restore import load_run_config
+    from jaxbig.checkpoint.run import load_run_config
     from jaxbig.train.state import abstract_train_state
 
     cfg = load_run_config(run_dir)

@@ -117,7 +117,7 @@ def run_pruning(preset: Path, steps: int, extra: list[str], say=print, only: lis
         summary = _train(cfg, True, say)
         if "sparsity" not in summary:  # dense: counted all the same (no zeros expected)
             from jaxbig.compress.prune import sparsity_by_layer
-            from jaxbig.train.restore import load_params
+            from jaxbig.checkpoint.run import load_params
             from jaxbig.export.artifact import flatten_params
 
             summary["sparsity"] = sparsity_by_layer(flatten_params(load_params(run_dir)[2]))
@@ -171,7 +171,7 @@ def run_distill(preset: Path, steps: int, extra: list[str], say=print) -> tuple[
     teacher_cfg = dense_config(preset, steps, extra)
     summary_file = Path(teacher_cfg.train.run_dir) / "summary.json"
     if summary_file.is_file():  # the pruning benchmark's dense run, whatever its length (its config is left as it is)
-        from jaxbig.train.restore import load_run_config
+        from jaxbig.checkpoint.run import load_run_config
 
         teacher_cfg = load_run_config(teacher_cfg.train.run_dir)
         teacher_summary = json.loads(summary_file.read_text())

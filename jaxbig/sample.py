@@ -10,7 +10,7 @@ import numpy as np
 from jaxbig.config import ConfigError
 from jaxbig.data.tokenizer import ByteTokenizer
 from jaxbig.models.decode import generate
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 
 
 def sample_text(

@@ -16,7 +16,7 @@ from jaxbig.checkpoint import CHECKSUMS, CheckpointError, Checkpoints
 from jaxbig.config import ConfigError, load_config
 from jaxbig.parallel.mesh import parse_mesh_spec
 from jaxbig.train.loop import train
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 from tests.numerics import assert_close, forward_chain
 
 

@@ -21,7 +21,7 @@ from jaxbig.config import ConfigError, load_config
 from jaxbig.export.bundle import export_run
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.train.loop import train
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 from tests.numerics import assert_close, assert_near_argmax, forward_chain, tolerance
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxbig.config import load_config
 from jaxbig.train.loop import train
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 from tests.numerics import LINEAR_SGD, assert_within, backward_chain, forward_chain, sgd_trajectory_bound, tolerance
 

@@ -378,7 +378,7 @@ def test_diloco_communicates_every_h_steps_only():
 
 def test_post_local_diloco_through_the_loop_with_accumulation_on_4x2(tmp_path, text_dir):
     from jaxbig.train.loop import train
-    from jaxbig.train.restore import load_params
+    from jaxbig.checkpoint.run import load_params
 
     overrides = [
         "model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16",

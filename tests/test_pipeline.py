@@ -234,7 +234,7 @@ def test_pipeline_run_reports_its_bubble_and_decodes_on_one_device(tmp_path, tex
     from jaxbig.data import eval_batches, load_corpus
     from jaxbig.models.decode import generate
     from jaxbig.train.loop import train
-    from jaxbig.train.restore import load_params
+    from jaxbig.checkpoint.run import load_params
     from jaxbig.train.step import make_eval_step, mean_loss
 
     m = CFG

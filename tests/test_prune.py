@@ -231,7 +231,7 @@ def test_pruned_run_exports_int8_with_its_zeros_and_reports_them(pruned_run, tmp
     """Export composes with pruning: int8 codes are 0 exactly where the pruned weights are, and the
     manifest reports the per-layer sparsity of the float weights and of the stored codes."""
     from jaxbig.export.bundle import export_run
-    from jaxbig.train.restore import load_params
+    from jaxbig.checkpoint.run import load_params
 
     out = export_run(pruned_run, tmp_path / "exports" / "pruned", 1, quantize="int8")
     manifest = json.loads((out / "manifest.json").read_text())

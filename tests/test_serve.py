@@ -24,7 +24,7 @@ from jaxbig.export.reload import load_exported
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.serve import tf_serving
 from jaxbig.train.loop import train
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 
 tf = pytest.importorskip("tensorflow")
 from tensorflow_serving.apis import (  # noqa: E402

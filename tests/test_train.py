@@ -8,7 +8,7 @@ import pytest
 
 from jaxbig.config import ConfigError, load_config
 from jaxbig.train.loop import train
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 from tests.numerics import assert_close, forward_chain
 

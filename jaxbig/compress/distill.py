@@ -4,7 +4,7 @@
 
 per token, averaged (Hinton et al. 2015: the T² keeps the soft term's gradient scale
 independent of T). The teacher is a trained jaxbig run (`distill.teacher=RUN_DIR`): its
-config and latest checkpoint are loaded with `jaxbig.train.restore.load_params`, its params
+config and latest checkpoint are loaded with `jaxbig.checkpoint.run.load_params`, its params
 placed on the student's mesh by the logical rules (sharded like a model of its own size), and
 kept outside the train state: the step takes them as an argument, runs the teacher forward
 under `jax.lax.stop_gradient` (no gradients, no optimizer state), and the checkpoint holds the
@@ -22,9 +22,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxbig.checkpoint.run import load_params, load_run_config
 from jaxbig.config import Config, ConfigError, DistillConfig
 from jaxbig.models import Params
 from jaxbig.models.layers import LayerRunner, scan_layers
+from jaxbig.parallel.guards import check_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +55,8 @@ def check_teacher_config(student: Config, teacher: Config, run_dir: str) -> None
         )
 
 
-def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
-    """The teacher of `cfg.distill`, loaded sharded onto `mesh`; call under `jax.set_mesh(mesh)` and the logical rules."""
-    from jaxbig.parallel.guards import check_layout
-    from jaxbig.train.restore import load_params, load_run_config  # lazy: restore imports the loop, which imports this
-
+def teacher_config(cfg: Config, mesh: Mesh) -> Config:
+    """The config of the teacher run `cfg.distill.teacher`, checked against the student and `mesh`; no params are read."""
     run_dir = cfg.distill.teacher
     if not run_dir:
         raise ConfigError("distill.teacher is empty: set it to a trained run's directory, e.g. --set distill.teacher=runs/small")
@@ -69,6 +68,16 @@ def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
         teacher_cfg = load_run_config(run_dir)
         check_teacher_config(cfg, teacher_cfg, run_dir)
         check_layout(teacher_cfg.model, mesh)
+    except ConfigError as e:
+        raise ConfigError(f"distill.teacher: {e}") from None
+    return teacher_cfg
+
+
+def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
+    """The teacher of `cfg.distill`, loaded sharded onto `mesh`; call under `jax.set_mesh(mesh)` and the logical rules."""
+    teacher_config(cfg, mesh)
+    run_dir = cfg.distill.teacher
+    try:
         teacher_cfg, graphdef, params, step = load_params(run_dir, mesh=mesh)
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
@@ -102,4 +111,4 @@ def make_distill_loss(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, cf
     return loss
 
 
-__all__ = ["Teacher", "check_teacher_config", "describe", "load_teacher", "make_distill_loss", "mixed_loss"]
+__all__ = ["Teacher", "check_teacher_config", "describe", "load_teacher", "make_distill_loss", "mixed_loss", "teacher_config"]

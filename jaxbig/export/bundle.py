@@ -27,7 +27,7 @@ from jaxbig.config import ConfigError
 from jaxbig.data.tokenizer import ByteTokenizer
 from jaxbig.export.artifact import PLATFORMS, export_functions, flatten_params, leaf_manifest, to_leaves, write_artifacts
 from jaxbig.export.targets import get_target
-from jaxbig.train.restore import load_params
+from jaxbig.checkpoint.run import load_params
 
 MANIFEST = "manifest.json"
 _WEIGHT_ONLY = "weight-only, per-output-channel absmax; dequantized (q.astype(f32) * scale) before each matmul"

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxbig.data.corpus import load_corpus
 from jaxbig.export.reload import load_exported
-from jaxbig.train.restore import load_run_config
+from jaxbig.checkpoint.run import load_run_config
 
 
 def saved_model_bytes(version_dir: str | Path) -> int:

@@ -15,9 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxbig.checkpoint import Checkpoints
+from jaxbig.checkpoint.run import CONFIG_FILE, load_run_config
 from jaxbig.compress.distill import describe, load_teacher, make_distill_loss
 from jaxbig.compress.prune import sparsity_of, sparsity_table
-from jaxbig.config import Config, ConfigError, config_from_dict
+from jaxbig.config import Config, ConfigError
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.packed import packed_batches, packed_eval_batches
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
@@ -33,9 +34,6 @@ from jaxbig.train.dp_step import make_dp_train_step
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
 from jaxbig.xla_options import cache_stats, compiler_options, enable_compilation_cache
-
-CONFIG_FILE = "config.yaml"
-
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
     """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
@@ -53,9 +51,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
                 path.unlink()
     saved = run_dir / CONFIG_FILE
     if saved.exists():
-        import yaml
-
-        old = config_from_dict(yaml.safe_load(saved.read_text()))
+        old = load_run_config(run_dir)
         was, now = _params_of(old.model), _params_of(cfg.model)
         if was != now:
             diff = {k: (getattr(was, k), getattr(now, k)) for k in dataclasses.asdict(now) if getattr(was, k) != getattr(now, k)}
@@ -292,7 +288,7 @@ class _Throughput:
 def _host_mean(x: jax.Array) -> float:
     """A metric on the host; per-replica metrics ([N], split over data) as their mean, gathered across processes."""
     if not (x.is_fully_addressable or x.is_fully_replicated):
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # multi-process runs only
 
         return float(np.mean(multihost_utils.process_allgather(x)))
     return float(np.mean(jax.device_get(x)))
