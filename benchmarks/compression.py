@@ -27,13 +27,9 @@ import jax
 import optax
 
 from jaxbig.config import Config, load_config
-from jaxbig.data.pipeline import batch_sharding
-from jaxbig.optim import optimizer_for, uses_data_parallel_step
 from jaxbig.parallel.hlo import collective_bytes
 from jaxbig.parallel.mesh import make_mesh
-from jaxbig.train.dp_step import make_dp_train_step
-from jaxbig.train.state import abstract_train_state, logical_axes
-from jaxbig.train.step import jit_train_step, make_train_step
+from jaxbig.train.setup import build
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -159,21 +155,10 @@ def step_bytes(cfg: Config, exact_bytes: float = 0.0) -> tuple[dict[str, float],
 
 
 def _compiled_bytes(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
-    """Bytes over data by kind of the compiled step: (outside conditionals, inside them)."""
-    mesh = make_mesh(cfg.mesh)
-    tx, schedule = optimizer_for(cfg, dict(mesh.shape))
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    bs = batch_sharding(mesh, B, T)
-    with jax.set_mesh(mesh):
-        graphdef, _, _ = logical_axes(cfg.model)
-        _, shardings, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        if uses_data_parallel_step(cfg.optim):
-            fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
-        else:
-            fn = make_train_step(graphdef, tx, schedule, accumulate_steps=cfg.optim.accumulate_steps)
-        batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=bs) for k in ("inputs", "targets")}
-        hlo = jit_train_step(fn, shardings, bs).lower(abstract, batch).compile().as_text()
-    return collective_bytes(hlo, mesh, over="data", conditional=False), collective_bytes(hlo, mesh, over="data", conditional=True)
+    """Bytes over data by kind of the step training compiles (`jaxbig.train.setup.build`): (outside conditionals, inside them)."""
+    run = build(cfg, make_mesh(cfg.mesh))
+    hlo = run.lower().compile().as_text()
+    return collective_bytes(hlo, run.mesh, over="data", conditional=False), collective_bytes(hlo, run.mesh, over="data", conditional=True)
 
 
 def run(preset: Path, steps: int, trained: tuple[str, ...], run_root: Path, extra: list[str], say=print) -> list[MethodResult]:

@@ -3,10 +3,11 @@
     python scripts/plan.py --config configs/llama2_70b.yaml --mesh fsdp=16,tensor=8 [--batch_size 256]
     python scripts/plan.py --config configs/tiny.yaml --all-layouts [--write-benchmarks]
 
-Compiles the train step on abstract inputs over a mesh of emulated CPU devices (as many as the
+Compiles the train step scripts/train.py would run for the same config (the same set-up,
+jaxbig/train/setup.py) on abstract inputs over a mesh of emulated CPU devices (as many as the
 mesh names) and prints what each device holds (params, optimizer state, temporaries from the
 compiled memory analysis), the collective bytes each device sends per step by kind, and the
-pipeline bubble. See jaxbig/parallel/plan.py.
+pipeline bubble. See jaxbig/train/plan.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from jaxbig.cli import add_config_args, fail  # noqa: E402
 from jaxbig.config import ConfigError, MeshConfig, load_config  # noqa: E402
-from jaxbig.parallel.mesh import format_mesh, parse_mesh_spec  # noqa: E402
+from jaxbig.parallel.mesh import devices_needed, make_mesh, parse_mesh_spec  # noqa: E402
 from jaxbig.runtime import use_cpu_devices  # noqa: E402
 
 # --all-layouts, 8 devices each: a mesh spec, then any config overrides for that layout (the pipeline schedule).
@@ -35,7 +36,6 @@ LAYOUTS = (
     "tensor=2,pipeline=4",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench:collectives:start -->", "<!-- bench:collectives:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
-        from jaxbig.parallel.plan import devices_needed
-
         sizes = [parse_mesh_spec(s) for s in specs]
         use_cpu_devices(args.devices or max(devices_needed(s) for s in sizes))
-        from jaxbig.parallel.mesh import make_mesh
-        from jaxbig.parallel.plan import benchmark_section, format_plan, plan_layout, write_section
+        # The whole training set-up, imported once the device count is set (and not for --help or a bad --mesh).
+        from jaxbig.train.plan import format_plan, plan_layout
 
         name = Path(args.config).stem if args.config else "tiny"
         plans = []
@@ -75,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(e)
     if args.write_benchmarks:
+        from benchmarks.layouts import write_benchmarks  # only when writing the docs
+
         command = "python scripts/plan.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-        write_section(DOC, START, END, benchmark_section(plans, command), "## Collective bytes per step by layout (scripts/plan.py)")
+        write_benchmarks(DOC, plans, command)
         print(f"wrote {DOC}")
     return 0
 

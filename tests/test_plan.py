@@ -1,5 +1,6 @@
 """Planning a layout (compiled memory and traffic on abstract inputs), the HLO loop counts, and the layout guards."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from jaxbig.parallel.guards import check_divisibility, check_fsdp_replication, r
 from jaxbig.parallel.hlo import collective_bytes, parse_collectives
 from jaxbig.parallel.mesh import make_mesh, parse_mesh_spec
 from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
-from jaxbig.parallel.plan import analytic_param_bytes, pipeline_bubble, plan_layout
 from jaxbig.parallel.rules import RULES, tree_shardings
+from jaxbig.train.plan import analytic_param_bytes, pipeline_bubble, plan_layout
 from jaxbig.train.state import logical_axes
 
 SMALL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "model.d_ff=128",
@@ -145,14 +146,82 @@ def test_plan_script(repo):
     assert bad.returncode == 2 and "model.num_layers=2 is not divisible by pipeline stages x repeats = 4 x 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
+# Configs whose step differs from the plain one: compression and DiLoCo (the data-parallel step under shard_map),
+# gradient accumulation (a microbatch loop) and distillation (the teacher's params an input). mesh, --set overrides.
+STEP_KINDS = {
+    "accumulate": ("4x2", ["optim.accumulate_steps=4", "train.batch_size=32"]),
+    "distill": ("4x2", ["distill.weight=0.5"]),  # its teacher: the `accumulate` run
+    "int8": ("8", ["optim.compression=int8"]),
+    "diloco": ("8", ["optim.outer=diloco", "optim.sync_every=2"]),
+}
+# For each config, in one process (one start-up): scripts/train.py's main(), XLA's dump of its step moved to the
+# config's folder, then the planner (scripts/plan.py's plan_layout) on the same config. The persistent compilation
+# cache, empty at the start, holds what training compiled: a plan of the very same program loads it (a cache hit:
+# the key hashes the lowered module and the compile options), any other program compiles anew.
+TRAIN_THEN_PLAN = """
+import json, shutil, sys
+from pathlib import Path
+from scripts.train import main
+from jaxbig.config import load_config
+from jaxbig.parallel.mesh import make_mesh
+from jaxbig.train.plan import plan_layout
+from jaxbig.xla_options import cache_stats
+dump, plans = Path(sys.argv[1]), {}
+for name, spec, argv, overrides in json.loads(sys.argv[2]):
+    if main(argv) != 0:
+        sys.exit(f"scripts/train.py {' '.join(argv)} failed")
+    (dump / name).mkdir()
+    for f in dump.glob("*.txt"):
+        shutil.move(f, dump / name / f.name)
+    hits = cache_stats["hits"]
+    cfg = load_config(None, overrides)
+    p = plan_layout(cfg, make_mesh(cfg.mesh, spec=spec))
+    plans[name] = dict(collectives=p.collectives, runs=p.collective_runs, teacher_bytes=p.teacher_bytes,
+                       conditional_bytes=p.conditional_bytes, cache_hits=cache_stats["hits"] - hits)
+(dump / "plans.json").write_text(json.dumps(plans))
+"""
+
+
+def test_plan_reports_the_collective_bytes_of_the_step_train_compiles(tmp_path, repo, text_dir):
+    """scripts/plan.py's figures against XLA's own dump of the step scripts/train.py compiles for the same config,
+    and the planner's program is that very program (it loads training's compiled step from the persistent cache)."""
+    from jaxbig.parallel.hlo import KINDS
+
+    run = ["train.eval_batches=1", "optim.warmup_steps=0", "train.steps=2", f"compile.cache_dir={tmp_path / 'xla-cache'}", f"data.paths={text_dir}"]
+    cases, cfgs = [], {}
+    for name, (spec, extra) in STEP_KINDS.items():
+        teacher = [f"distill.teacher={tmp_path / 'accumulate'}"] if name == "distill" else []
+        own = run + extra + teacher + [f"train.run_dir={tmp_path / name}"]
+        overrides = [o for o in SMALL if o.split("=")[0] not in {e.split("=")[0] for e in own}] + own
+        with_mesh = overrides + [f"mesh.{k}={v}" for k, v in parse_mesh_spec(spec).items()]
+        cfgs[name] = load_config(None, with_mesh)
+        cases.append((name, spec, ["--mesh", spec, "--no-progress", *(a for o in overrides for a in ("--set", o))], with_mesh))
+    dump = tmp_path / "hlo"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}  # compile.cache_dir: a new one
+    env["XLA_FLAGS"] = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_(train|local|distill_train)_step"
+    out = subprocess.run([sys.executable, "-c", TRAIN_THEN_PLAN, str(dump), json.dumps(cases)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    plans = json.loads((dump / "plans.json").read_text())
+    for name, p in plans.items():
+        (step_hlo,) = (dump / name).glob("*.cpu_after_optimizations.txt")
+        mesh = make_mesh(cfgs[name].mesh, spec=STEP_KINDS[name][0])
+        hlo = step_hlo.read_text()
+        trained = collective_bytes(hlo, mesh)
+        assert p["collectives"] == trained, (name, p["collectives"], trained)
+        assert p["runs"] == {k: sum(c.count for c in parse_collectives(hlo, mesh) if c.kind == k) for k in KINDS}, name
+        assert sum(trained.values()) > 0, name
+        assert p["cache_hits"] == 1, f"{name}: the planner compiled a program training did not"
+    assert plans["distill"]["teacher_bytes"] > 0 and plans["diloco"]["conditional_bytes"] > 0
+
+
 def test_benchmark_section_is_replaced_and_the_rest_kept(tmp_path, repo):
-    from jaxbig.parallel.plan import write_section
+    from benchmarks.harness import write_section
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text((repo / "docs" / "benchmarks.md").read_text())
     foundation = doc.read_text()
-    write_section(doc, "<!-- s -->", "<!-- e -->", "SECTION-ONE", "## Title")
-    write_section(doc, "<!-- s -->", "<!-- e -->", "SECTION-TWO", "## Title")
+    write_section(doc, "SECTION-ONE", "<!-- s -->", "<!-- e -->", "## Title\n")
+    write_section(doc, "SECTION-TWO", "<!-- s -->", "<!-- e -->", "## Title\n")
     text = doc.read_text()
     assert text.startswith(foundation.rstrip("\n")) and "SECTION-TWO" in text and "SECTION-ONE" not in text and text.count("## Title") == 1
 

@@ -65,6 +65,16 @@ def format_mesh(sizes: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in sizes.items())
 
 
+def devices_needed(sizes: dict[str, int]) -> int:
+    """Devices a fully specified mesh needs; a -1 axis cannot be emulated without a count."""
+    if any(v == -1 for v in sizes.values()):
+        raise MeshError(
+            f"mesh {','.join(f'{k}={v}' for k, v in sizes.items())}: plan emulates exactly the devices the mesh names, "
+            "so give every axis a size (no -1), or pass --devices N"
+        )
+    return math.prod(sizes.values())
+
+
 def resolve_mesh_sizes(cfg: MeshConfig, num_devices: int, spec: str | None = None) -> dict[str, int]:
     """Fills a -1 axis and checks the product against the devices; `spec` is how the user wrote it."""
     sizes = cfg.sizes()

@@ -1,1 +1,1 @@
-"""Train state, steps, metrics and the loop."""
+"""Train state, steps, the set-up the loop and the planner share (`setup.build`), the loop, the planner and metrics."""

@@ -16,24 +16,21 @@ from tqdm import tqdm
 
 from jaxbig.checkpoint import Checkpoints
 from jaxbig.checkpoint.run import CONFIG_FILE, load_run_config
-from jaxbig.compress.distill import describe, load_teacher, make_distill_loss
+from jaxbig.compress.distill import describe, load_teacher
 from jaxbig.compress.prune import sparsity_of, sparsity_table
 from jaxbig.config import Config, ConfigError
 from jaxbig.data import ByteTokenizer, eval_batches, load_corpus, train_batches
 from jaxbig.data.packed import packed_batches, packed_eval_batches
-from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.data.prepare import PreparedData
-from jaxbig.optim import MAX_CONSECUTIVE_SKIPS, optimizer_for, uses_data_parallel_step
-from jaxbig.parallel.guards import check_layout, check_sequence_parallel
+from jaxbig.optim import MAX_CONSECUTIVE_SKIPS
 from jaxbig.parallel.mesh import make_mesh
-from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
-from jaxbig.parallel.rules import rules_for, use_rules
+from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
 from jaxbig.runtime import seconds_since_process_start
 from jaxbig.train import metrics as metrics_lib
-from jaxbig.train.dp_step import make_dp_train_step
-from jaxbig.train.state import init_train_state
-from jaxbig.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, mean_loss
-from jaxbig.xla_options import cache_stats, compiler_options, enable_compilation_cache
+from jaxbig.train.setup import build
+from jaxbig.train.step import mean_loss
+from jaxbig.xla_options import cache_stats, enable_compilation_cache
+
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
     """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
@@ -94,39 +91,20 @@ def train(
     # --- mesh, data, model and optimizer --------------------------------------------------------
     prepared = PreparedData(cfg.data.prepared) if cfg.data.prepared else None
     tokenizer = prepared.tokenizer if prepared else ByteTokenizer()
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's {tokenizer.vocab_size} tokens; "
-            f"use model.vocab_size >= {tokenizer.vocab_size}"
-        )
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
-    check_layout(cfg.model, mesh)  # divisibility and FSDP replication, before anything is allocated
-    check_batch_divides(cfg.train.batch_size, mesh)
-    check_pipeline(cfg, dict(mesh.shape))
-    check_sequence_parallel(cfg.data.seq_len, cfg.parallel.sequence_parallel, dict(mesh.shape))
-    try:  # XLA options for both steps; a profile this backend or layout cannot compile fails here, before the run dir is touched
-        sequence_parallel = cfg.parallel.sequence_parallel and mesh.shape["tensor"] > 1
-        xla = compiler_options(cfg.compile.xla_profile, jax.default_backend(), cfg.model.compute_dtype(), sequence_parallel=sequence_parallel)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    run_layers = layer_runner(mesh, cfg.parallel)
+    # Every check, the optimizer, the state's layout and the jitted steps (jaxbig.train.setup, which the
+    # planner shares); a bad layout or XLA profile fails here, before anything is allocated or the run dir touched.
+    run = build(cfg, mesh, tokenizer=tokenizer)
     corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
-    tx, schedule = optimizer_for(cfg, dict(mesh.shape))
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    bsharding = batch_sharding(mesh, B, T)
     peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
 
-    with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
-        graphdef, state, shardings, abstract = init_train_state(cfg.model, tx, mesh, cfg.train.seed)
+    with run.context():
+        state, abstract = run.init(), run.abstract
         teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None  # frozen, outside the train state
-        distill_loss = make_distill_loss(graphdef, teacher.graphdef, cfg.distill, run_layers) if teacher else None
-        if uses_data_parallel_step(cfg.optim):  # compression or DiLoCo: local gradients under shard_map
-            step_fn = make_dp_train_step(graphdef, tx, schedule, mesh, shardings, cfg.optim.accumulate_steps)
-        else:
-            step_fn = make_train_step(graphdef, tx, schedule, run_layers, accumulate_steps=cfg.optim.accumulate_steps, distill_loss=distill_loss)
-        train_step = jit_train_step(step_fn, shardings, bsharding, teacher, packed=prepared is not None, compiler_options=xla)
-        eval_step = jit_eval_step(make_eval_step(graphdef, run_layers), shardings.params, bsharding, packed=prepared is not None, compiler_options=xla)
+        train_step = run.bind(teacher.params if teacher else None)
+        eval_step = run.eval_step
         say = tqdm.write if progress else print
 
         # Resume from the newest readable checkpoint: train state and, for packed input, the data position.

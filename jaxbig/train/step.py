@@ -83,29 +83,29 @@ def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, teacher=None, packed: bool = False, compiler_options=None):
-    """Compiled once with explicit shardings; the incoming state's buffers are donated.
+def jit_step(train_step, state_shardings: TrainState, batch_sharding, *, teacher_shardings: Params | None = None, packed: bool = False, compiler_options=None):
+    """The train step compiled once with explicit shardings; the incoming state's buffers are donated.
 
-    With a `teacher` (`jaxbig.compress.distill.Teacher`) the step's third argument, the teacher's
-    params, is laid out by `teacher.shardings` and bound here: the result is still `step(state, batch)`.
-    `compiler_options` are XLA options for this step (`jaxbig.xla_options.compiler_options`).
+    `(state, batch)`, or `(state, batch, teacher_params)` with `teacher_shardings` (distillation:
+    the teacher's params are an input laid out by them). `compiler_options` are XLA options for
+    this step (`jaxbig.xla_options.compiler_options`).
     """
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS[packed]}
-    if teacher is None:
-        return jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_shardings),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-            compiler_options=compiler_options,
-        )
-    jitted = jax.jit(
+    in_shardings = (state_shardings, batch_shardings) + (() if teacher_shardings is None else (teacher_shardings,))
+    return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings, teacher.shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, None),
         donate_argnums=0,
         compiler_options=compiler_options,
     )
+
+
+def jit_train_step(train_step, state_shardings: TrainState, batch_sharding, teacher=None, packed: bool = False, compiler_options=None):
+    """`jit_step`, with a loaded `teacher`'s (`jaxbig.compress.distill.Teacher`) params bound: the result is `step(state, batch)`."""
+    if teacher is None:
+        return jit_step(train_step, state_shardings, batch_sharding, packed=packed, compiler_options=compiler_options)
+    jitted = jit_step(train_step, state_shardings, batch_sharding, teacher_shardings=teacher.shardings, packed=packed, compiler_options=compiler_options)
     return lambda state, batch: jitted(state, batch, teacher.params)
 
 

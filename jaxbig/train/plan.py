@@ -1,8 +1,9 @@
 """Plan a layout before launching it: compile the train step on abstract inputs, read memory and traffic.
 
-`plan_layout(cfg, mesh)` builds the abstract train state (ShapeDtypeStructs carrying their
-shardings; nothing is allocated), lowers and compiles the jitted train step for it over the
-mesh, and reads from the compiled program:
+`plan_layout(cfg, mesh)` builds the run exactly as the train loop does (`jaxbig.train.setup.build`:
+the same checks, optimizer, layer runner, state layout, step and XLA options), lowers and
+compiles that step for the abstract train state (ShapeDtypeStructs carrying their shardings;
+nothing is allocated) over the mesh, and reads from the compiled program:
 
 - per-device bytes of params, optimizer state and batch, from the compiled executable's
   input shardings (their sum is checked against the compiler's argument size);
@@ -12,10 +13,12 @@ mesh, and reads from the compiled program:
   loop bodies counted once per iteration);
 - the pipeline bubble (p-1)/(v*m+p-1) for p stages, m microbatches and v repeats.
 
-The step is built the way the train loop builds it (`jaxbig.train.loop.train`): the same layout,
-batch and pipeline checks, and the layer runner for the mesh (`layer_runner`: a plain scan, or the
-configured GPipe/circular schedule over the `pipeline` axis), so a pipeline layout is planned with
-the collective-permutes and microbatch loop it would run.
+Because the step is the loop's own, a config that trains plans the program it trains with: a
+pipeline layout with its collective-permutes and microbatch loop, gradient accumulation with its
+microbatch loop, compression or DiLoCo with the data-parallel step under `shard_map` and the
+optimizer's own collectives (DiLoCo's periodic average sits in a conditional branch and is
+counted as if taken), distillation with the teacher's params as an input (read from the
+teacher run's config; its checkpoint is not loaded).
 
 The analytic per-device param bytes (`analytic_param_bytes`) come from the model's shapes and
 the mesh sizes alone, for comparison with the compiled figure.
@@ -29,27 +32,17 @@ an estimate there, while params and optimizer state follow from the layout alone
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
-import os
-import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
-from jaxbig.config import Config, ConfigError, ModelConfig, ParallelConfig
-from jaxbig.data.pipeline import batch_sharding, check_batch_divides
-from jaxbig.optim import build_optimizer
-from jaxbig.parallel.guards import check_layout
+from jaxbig.config import Config, ModelConfig, ParallelConfig
 from jaxbig.parallel.hlo import KINDS, parse_collectives
-from jaxbig.parallel.pipeline import bubble_fraction, check_pipeline, layer_runner, num_microbatches
-from jaxbig.parallel.rules import rules_for, use_rules
-from jaxbig.train.state import abstract_train_state, logical_axes
-from jaxbig.train.step import jit_train_step, make_train_step
+from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
+from jaxbig.train.setup import build
 
 GiB = 2**30
 
@@ -102,6 +95,7 @@ class Plan:
     param_bytes_analytic: float  # per device, from the shapes and mesh sizes alone
     opt_bytes: float
     batch_bytes: float
+    teacher_bytes: float  # distillation: the teacher's params, an input of the step (0 without)
     other_input_bytes: float  # the step counter
     argument_bytes: float  # compiler's argument size (all inputs)
     output_bytes: float  # compiler's output size, aliased (donated) part included
@@ -111,6 +105,7 @@ class Plan:
     collective_axes: dict[str, dict[str, float]]  # kind -> {"data,fsdp": bytes, ...}
     collective_runs: dict[str, int]  # kind -> collective ops run per step
     promoted_bytes: float  # of the all-reduce bytes: bf16 reductions the CPU backend ran in f32
+    conditional_bytes: float  # of all the bytes: collectives in conditional branches, counted as if taken (DiLoCo's sync)
     unknown_trip_counts: bool  # some collective sits in a loop of unknown length (counted once)
     bubble: float
     schedule: str  # "" without a pipeline axis, else e.g. "gpipe, 4 microbatches" or "circular x2, 8 microbatches"
@@ -128,26 +123,16 @@ class Plan:
 
 
 def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
-    """Compiles cfg's train step for `mesh` on abstract inputs and reads its per-device memory and traffic."""
-    # The train loop's checks and layer runner (jaxbig/train/loop.py), in its order.
-    check_layout(cfg.model, mesh)
+    """Compiles the train step `cfg` runs on `mesh` (`jaxbig.train.setup.build`) on abstract inputs and reads its per-device memory and traffic."""
+    run = build(cfg, mesh)
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    check_batch_divides(B, mesh)
-    check_pipeline(cfg, dict(mesh.shape))
-    run_layers = layer_runner(mesh, cfg.parallel)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
-    with jax.set_mesh(mesh), use_rules(rules_for(cfg.parallel.sequence_parallel)):
-        _, shardings, abstract = abstract_train_state(cfg.model, tx, mesh, cfg.train.seed)
-        graphdef, _, _ = logical_axes(cfg.model)
-        bsharding = batch_sharding(mesh, B, T)
-        batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsharding) for k in ("inputs", "targets")}
-        step = jit_train_step(make_train_step(graphdef, tx, schedule, run_layers), shardings, bsharding)
-        t0 = time.perf_counter()
-        lowered = step.lower(abstract, batch)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    (state_in, batch_in), _ = compiled.input_shardings
+    abstract, batch = run.abstract, run.abstract_batch()
+    t0 = time.perf_counter()
+    lowered = run.lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    (state_in, batch_in, *teacher_in), _ = compiled.input_shardings  # a teacher's params (distillation) come third
     mem = compiled.memory_analysis()
     collectives = parse_collectives(compiled.as_text(), mesh)
     by_kind = {k: 0.0 for k in KINDS}
@@ -172,6 +157,7 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
         param_bytes_analytic=analytic_param_bytes(cfg.model, sizes),
         opt_bytes=_bytes_per_device(abstract.opt_state, state_in.opt_state),
         batch_bytes=_bytes_per_device(batch, batch_in),
+        teacher_bytes=_bytes_per_device(run.teacher.abstract, teacher_in[0]) if run.teacher else 0.0,
         other_input_bytes=_bytes_per_device(abstract.step, state_in.step),
         argument_bytes=float(mem.argument_size_in_bytes),
         output_bytes=float(mem.output_size_in_bytes),
@@ -181,6 +167,7 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
         collective_axes=by_axes,
         collective_runs=runs,
         promoted_bytes=sum(c.wire_bytes * c.count for c in collectives if c.promoted),
+        conditional_bytes=sum(c.wire_bytes * c.count for c in collectives if c.conditional),
         unknown_trip_counts=any(not c.count_known for c in collectives),
         bubble=bubble_fraction(stages, m, v) if stages > 1 else 0.0,
         schedule=f"{cfg.parallel.schedule}{f' x{v}' if v > 1 else ''}, {m} microbatches" if stages > 1 else "",
@@ -192,7 +179,8 @@ def plan_layout(cfg: Config, mesh: Mesh, name: str = "") -> Plan:
 # --------------------------------------------------------------------------- reporting
 
 
-def _size(b: float) -> str:
+def format_bytes(b: float) -> str:
+    """`1.50 MiB`, `512 B`: bytes in the largest binary unit that keeps them >= 1."""
     for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if b >= scale:
             return f"{b / scale:,.2f} {unit}"
@@ -201,27 +189,33 @@ def _size(b: float) -> str:
 
 def format_plan(p: Plan) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
-    inputs = p.param_bytes + p.opt_bytes + p.batch_bytes + p.other_input_bytes
+    inputs = p.param_bytes + p.opt_bytes + p.batch_bytes + p.teacher_bytes + p.other_input_bytes
     lines = [
         f"plan {p.name}: {p.num_params / 1e9:.3f}B params | mesh {mesh} ({p.devices} devices) | global batch {p.batch[0]}x{p.batch[1]} tokens",
         f"lowered in {p.lower_s:.1f} s, compiled in {p.compile_s:.1f} s (XLA CPU backend, emulated devices)",
         "per device memory:",
-        f"  params            {_size(p.param_bytes):>12}   analytic {_size(p.param_bytes_analytic)} ({p.param_error:+.2%})",
-        f"  optimizer state   {_size(p.opt_bytes):>12}",
-        f"  batch             {_size(p.batch_bytes):>12}",
-        f"  inputs total      {_size(inputs):>12}   compiler's argument size {_size(p.argument_bytes)}",
-        f"  temporaries       {_size(p.temp_bytes):>12}   activations, gradients, workspace (compiled memory analysis)",
-        f"  outputs, not aliased {_size(p.output_bytes - p.alias_bytes):>9}",
-        f"  peak              {_size(p.peak_bytes):>12}",
+        f"  params            {format_bytes(p.param_bytes):>12}   analytic {format_bytes(p.param_bytes_analytic)} ({p.param_error:+.2%})",
+        f"  optimizer state   {format_bytes(p.opt_bytes):>12}",
+        f"  batch             {format_bytes(p.batch_bytes):>12}",
+        *([f"  teacher params    {format_bytes(p.teacher_bytes):>12}   distillation: the frozen teacher, an input of the step"] if p.teacher_bytes else []),
+        f"  inputs total      {format_bytes(inputs):>12}   compiler's argument size {format_bytes(p.argument_bytes)}",
+        f"  temporaries       {format_bytes(p.temp_bytes):>12}   activations, gradients, workspace (compiled memory analysis)",
+        f"  outputs, not aliased {format_bytes(p.output_bytes - p.alias_bytes):>9}",
+        f"  peak              {format_bytes(p.peak_bytes):>12}",
         "collective bytes sent per device per step (ring estimate; over mesh axes):",
     ]
     for kind in KINDS:
-        axes = ", ".join(f"{a} {_size(b)}" for a, b in sorted(p.collective_axes[kind].items(), key=lambda kv: -kv[1]))
-        lines.append(f"  {kind:<19}{_size(p.collectives[kind]):>12}   {p.collective_runs[kind]} ops run" + (f"; {axes}" if axes else ""))
+        axes = ", ".join(f"{a} {format_bytes(b)}" for a, b in sorted(p.collective_axes[kind].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {kind:<19}{format_bytes(p.collectives[kind]):>12}   {p.collective_runs[kind]} ops run" + (f"; {axes}" if axes else ""))
     if p.promoted_bytes:
         lines.append(
-            f"  ({_size(p.promoted_bytes)} of the all-reduce bytes are bf16 reductions the CPU backend runs in f32; "
+            f"  ({format_bytes(p.promoted_bytes)} of the all-reduce bytes are bf16 reductions the CPU backend runs in f32; "
             "half that on GPU/TPU)"
+        )
+    if p.conditional_bytes:
+        lines.append(
+            f"  ({format_bytes(p.conditional_bytes)} of them sit in conditional branches, counted as if taken: "
+            "e.g. DiLoCo's synchronisation, which runs once every optim.sync_every steps)"
         )
     if p.unknown_trip_counts:
         lines.append("  (some collectives sit in loops of unknown trip count and are counted once)")
@@ -229,93 +223,4 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(plans: list[Plan]) -> str:
-    """One row per plan: memory per device and collective bytes per step per device."""
-    head = (
-        "| layout | devices | params/device (analytic) | optimizer/device | temporaries/device | peak/device | "
-        + " | ".join(KINDS)
-        + " | bubble | compile (s) |"
-    )
-    rows = [head, "|" + "---|" * 1 + "---:|" * (7 + len(KINDS))]
-    for p in plans:
-        layout = _layout(p)
-        cells = [
-            layout,
-            str(p.devices),
-            f"{_size(p.param_bytes)} ({_size(p.param_bytes_analytic)})",
-            _size(p.opt_bytes),
-            _size(p.temp_bytes),
-            _size(p.peak_bytes),
-            *(_size(p.collectives[k]) if p.collectives[k] else "0" for k in KINDS),
-            f"{p.bubble:.1%}" if p.schedule else "-",
-            f"{p.compile_s:.1f}",
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def _layout(p: Plan) -> str:
-    """`data=2,tensor=2,pipeline=2 (gpipe, 4 microbatches)`; the axes of size 1 left out."""
-    layout = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
-    return layout + (f" ({p.schedule})" if p.schedule else "")
-
-
-def axes_breakdown(p: Plan) -> str:
-    """`data=4,tensor=2: all-reduce over tensor 6.0 MiB, over data 4.3 MiB; ...` (bytes per device per step)."""
-    layout = _layout(p)
-    parts = []
-    for kind in KINDS:
-        if p.collective_axes[kind]:
-            axes = sorted(p.collective_axes[kind].items(), key=lambda kv: -kv[1])
-            parts.append(f"{kind} " + ", ".join(f"over {a.replace(',', '+')} {_size(b)}" for a, b in axes))
-    return f"{layout}: " + ("; ".join(parts) if parts else "no collectives")
-
-
-def benchmark_section(plans: list[Plan], command: str) -> str:
-    """The docs/benchmarks.md section: how it was measured, the table, and the bytes by mesh axes."""
-    first = plans[0]
-    return "\n".join(
-        [
-            f"Command: `{command}`  ",
-            f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; XLA CPU backend, "
-            f"{max(p.devices for p in plans)} emulated devices on {os.cpu_count()} CPU cores, 1-minute load average "
-            f"{os.getloadavg()[0]:.1f} (compile times vary with it; the bytes do not)  ",
-            f"Model: {first.name} ({first.num_params / 1e6:.2f}M params), global batch {first.batch[0]}x{first.batch[1]} tokens, "
-            "one train step (forward, backward, AdamW update)  ",
-            "Bytes are what one device sends per step, ring estimate (all-reduce 2(n-1)/n of the buffer, all-gather and "
-            "all-to-all (n-1)/n, collective-permute 1), collectives inside the layer scan counted once per layer and those "
-            "inside a pipeline schedule's loop once per schedule step. Bubble: (p-1)/(v*m+p-1) for p stages, m microbatches, "
-            "v repeats. "
-            "On CPU, XLA reduces FSDP gradients with all-reduce rather than reduce-scatter (see docs/parallelism.md).",
-            "",
-            markdown_table(plans),
-            "",
-            "Bytes by the mesh axes each collective runs over:",
-            "",
-            *(f"- {axes_breakdown(p)}" for p in plans),
-        ]
-    )
-
-
-def write_section(path: Path, start: str, end: str, body: str, title: str) -> None:
-    """Replaces the text between the `start`/`end` markers in `path` (appending `title` and the section if missing)."""
-    text = path.read_text() if path.is_file() else ""
-    section = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, text, count=1, flags=re.S)
-    else:
-        text = text.rstrip("\n") + f"\n\n{title}\n\n{section}\n"
-    path.write_text(text)
-
-
-def devices_needed(sizes: dict[str, int]) -> int:
-    """Devices a fully specified mesh needs; a -1 axis cannot be emulated without a count."""
-    if any(v == -1 for v in sizes.values()):
-        raise ConfigError(
-            f"mesh {','.join(f'{k}={v}' for k, v in sizes.items())}: plan emulates exactly the devices the mesh names, "
-            "so give every axis a size (no -1), or pass --devices N"
-        )
-    return int(np.prod(list(sizes.values())))
-
-
-__all__ = ["Plan", "analytic_param_bytes", "axes_breakdown", "benchmark_section", "devices_needed", "format_plan", "markdown_table", "pipeline_bubble", "plan_layout", "write_section"]
+__all__ = ["Plan", "analytic_param_bytes", "format_bytes", "format_plan", "pipeline_bubble", "plan_layout"]
