@@ -21,7 +21,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The config and the mesh spec as the user wrote it (for error messages)."""
-    from jaxbig.parallel.mesh import parse_mesh_spec
+    from jaxbig.parallel.mesh import parse_mesh_spec  # JAX only for the scripts that build a config; scripts/serve.py needs neither
 
     overrides = list(args.set)
     for flag, key in (("steps", "train.steps"), ("run_dir", "train.run_dir"), ("seed", "train.seed")):

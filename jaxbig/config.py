@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from jaxbig.xla_options import AUTO_DTYPE, profile_names
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names the fix."""
@@ -69,10 +71,8 @@ class ModelConfig:
         """`dtype`, with auto resolved for `backend` (default: JAX's default backend) by `jaxbig.xla_options.AUTO_DTYPE`."""
         if self.dtype != "auto":
             return self.dtype
-        from jaxbig.xla_options import AUTO_DTYPE
-
         if backend is None:
-            import jax
+            import jax  # only to resolve `auto`: this module is imported before a script sets JAX's device count
 
             backend = jax.default_backend()
         return AUTO_DTYPE.get(backend, "float32")
@@ -263,8 +263,6 @@ class CompileConfig:
     cache_dir: str = "~/.cache/jaxbig/xla"  # persistent compilation cache: a second run loads its compiled steps ("" = off)
 
     def __post_init__(self):
-        from jaxbig.xla_options import profile_names  # a table of options; imports nothing heavy
-
         names = profile_names()
         _require(self.xla_profile in names, f"compile.xla_profile={self.xla_profile!r}: use one of {', '.join(names)}")
 

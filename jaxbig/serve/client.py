@@ -167,7 +167,7 @@ class GrpcClient:
 
 def load_tokenizer(manifest_path: str | Path):
     """The tokenizer an export recorded in its manifest.json."""
-    from jaxbig.data.tokenizer import tokenizer_from_dict
+    from jaxbig.data.tokenizer import tokenizer_from_dict  # only clients that (de)tokenize load jaxbig.data (and JAX)
 
     path = Path(manifest_path)
     if not path.is_file():

@@ -66,6 +66,7 @@ class EmbeddedServer:
         return f"{self.config.host}:{self.grpc_port}"
 
     def start(self) -> EmbeddedServer:
+        # TensorFlow and gRPC load when the server starts; a ServerConfig is built and checked without them.
         from jaxbig.serve.core import ServingCore
         from jaxbig.serve.grpc_api import make_server
         from jaxbig.serve.metrics import Metrics
