@@ -14,7 +14,7 @@ def emulate_cpu_devices(count: int = 8) -> None:
     accelerator, and its real devices form the mesh. A value the user already set wins.
     """
     if "jax" in sys.modules:
-        import jax
+        import jax  # already imported (checked above); this module must not import it first
 
         if jax.config.jax_num_cpu_devices in (-1, None) and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             try:
@@ -35,7 +35,7 @@ def use_cpu_devices(count: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
     if "jax" in sys.modules:
-        import jax
+        import jax  # already imported (checked above); this module must not import it first
         from jax._src import xla_bridge
 
         if xla_bridge.backends_are_initialized():

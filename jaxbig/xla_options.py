@@ -97,7 +97,7 @@ def enable_compilation_cache(cache_dir: str) -> Path | None:
     """
     if not cache_dir:
         return None
-    import jax
+    import jax  # the config imports this module for its profile names: it imports nothing heavy at the top
 
     current = jax.config.jax_compilation_cache_dir
     path = Path(current) if current else Path(os.path.expanduser(cache_dir))

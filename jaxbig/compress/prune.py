@@ -256,7 +256,7 @@ def sparsity_by_layer(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def sparsity_of(params: Params) -> dict[str, dict[str, Any]]:
     """`sparsity_by_layer` of (possibly sharded, multi-process) device params."""
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # multi-process runs only (params spread over processes)
 
     def host(x):
         return np.asarray(jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))

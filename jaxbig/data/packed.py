@@ -23,6 +23,7 @@ same `data.workers`.
 from __future__ import annotations
 
 import grain
+import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -69,8 +70,6 @@ class _Row(grain.transforms.Map):
 
 def process_share(sharding: NamedSharding, batch_size: int) -> tuple[int, int, np.ndarray]:
     """(this process's group, number of groups, its rows): processes holding the same rows form one group."""
-    import jax
-
     groups = sorted({tuple(process_rows(sharding, batch_size, [d for d in jax.devices() if d.process_index == p])) for p in range(jax.process_count())})
     rows = process_rows(sharding, batch_size)
     return groups.index(tuple(rows)), len(groups), rows
@@ -107,7 +106,7 @@ def packed_batches(
 def prefetched(ds: grain.IterDataset, workers: int, prefetch: int) -> grain.IterDataset:
     """`ds` run ahead of the loop: in `workers` processes, or in a reader thread when 0."""
     if workers:
-        from absl import flags
+        from absl import flags  # only with worker processes: they are what reads absl flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; scripts here use argparse
             flags.FLAGS.mark_as_parsed()

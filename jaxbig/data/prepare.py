@@ -52,7 +52,7 @@ def _read_documents(inputs: list[str]) -> tuple[list[tuple[str, str]], int]:
 
 
 def _writer(path: Path):
-    from array_record.python.array_record_module import ArrayRecordWriter
+    from array_record.python.array_record_module import ArrayRecordWriter  # only when preparing; reading goes through grain
 
     return ArrayRecordWriter(str(path), "group_size:1")
 
@@ -170,7 +170,7 @@ class PreparedData:
 
     def documents(self, split: str):
         """A grain random-access source over `split`'s documents (bytes records; see `decode`)."""
-        import grain
+        import grain  # only to read shards: preparing them (scripts/prepare_data.py) needs no grain
 
         if split not in self.manifest["splits"]:
             raise CorpusError(f"split {split!r} not in {str(self.root)!r}; it has {', '.join(self.manifest['splits'])}")

@@ -37,7 +37,7 @@ class SentencePieceTokenizer:
     name = "sentencepiece"
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
+        import sentencepiece as spm  # only for SentencePiece models; the byte tokenizer (the default) needs none
 
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -57,7 +57,7 @@ class SentencePieceTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> SentencePieceTokenizer:
         """Trains on `texts` (one document each), keeping whitespace exactly as it is (code needs it)."""
-        import sentencepiece as spm
+        import sentencepiece as spm  # only for SentencePiece models; the byte tokenizer (the default) needs none
 
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"SentencePiece model_type={model_type!r}: use bpe or unigram")

@@ -176,6 +176,7 @@ def initialize(
     heartbeat_timeout_s = heartbeat_timeout_s or HEARTBEAT_TIMEOUT_S
     if heartbeat_timeout_s < 2:
         raise ConfigError(f"heartbeat timeout {heartbeat_timeout_s}s is too short to survive a busy host; use >= 2 (default {HEARTBEAT_TIMEOUT_S})")
+    # JAX only to join a job: resolving the spec (env, flags, SLURM) imports nothing heavy, before the device count is set.
     import jax
     from jax._src import xla_bridge
 
@@ -218,14 +219,14 @@ def _first_line(e: BaseException) -> str:
 
 def is_multiprocess() -> bool:
     """True once this process has joined a job of more than one process."""
-    import jax
+    import jax  # see initialize: this module imports JAX only where it is used
 
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def failure_message(e: BaseException) -> str:
     """One line for an error that ends a multi-process run, naming this process."""
-    import jax
+    import jax  # see initialize: this module imports JAX only where it is used
 
     where = f"process {jax.process_index()} of {jax.process_count()}"
     if isinstance(e, jax.errors.JaxRuntimeError):

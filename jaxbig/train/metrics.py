@@ -73,7 +73,7 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # only the process that writes (the main one) loads it
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
