@@ -4,13 +4,20 @@ PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_OUT := runs/peers
+# python3.11: a torch 2.13.0 CPU wheel exists for it.
+PEERS_PYTHON ?= python3.11
+PEERS_THREADS ?= 2
+PEERS_STEPS ?= 30
 
 .PHONY: train test bench bench-perf bench-check bench-peers setup clean-venv
 
 train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
 
-test: $(STAMP)
+test: $(STAMP) $(PEERS_VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -26,19 +33,14 @@ bench-check: $(STAMP)
 
 setup: $(STAMP)
 
-# PyTorch eager trains the same Llama (benchmarks/peers/README.md); its own venv, not part of CI.
-# torch is pinned: an unpinned `pip install torch` pulls the CUDA build (GBs).
-PEERS_VENV := .venv-peers
-PEERS_PY := $(PEERS_VENV)/bin/python
-PEERS_OUT := runs/peers
-# python3.11: a torch 2.13.0 CPU wheel exists for it.
-PEERS_PYTHON ?= python3.11
-PEERS_THREADS ?= 2
-PEERS_STEPS ?= 30
+# The reference venv: PyTorch eager trains the same Llama (benchmarks/peers/README.md), and transformers is the
+# reference the Hugging Face import/export tests compare against (tests/hf_reference.py). `make test` builds it
+# (about 1.5 min, 1.2 GB). torch is pinned: an unpinned `pip install torch` pulls the CUDA build (GBs).
 
-$(PEERS_VENV)/.installed:
-	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_PY) -m pip install --quiet 'torch==2.13.0' numpy
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
+	@command -v $(PEERS_PYTHON) >/dev/null 2>&1 || { echo "the reference venv needs $(PEERS_PYTHON) (torch's CPU wheel); run 'make PEERS_PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	test -x $(PEERS_PY) || $(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet -r benchmarks/peers/requirements.txt
 	@touch $@
 
 bench-peers: $(PEERS_VENV)/.installed
