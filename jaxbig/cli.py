@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from jaxbig.config import Config, load_config
@@ -15,6 +16,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run_dir", default=None, help="train.run_dir")
     parser.add_argument("--seed", type=int, default=None, help="train.seed")
     parser.add_argument(
+        "--init_from", default=None, metavar="RUN_DIR",
+        help="train.init_from: start from this run's latest params (fine-tuning); the model section comes from that run",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field, e.g. --set model.num_layers=8 (repeatable)"
     )
 
@@ -24,13 +29,28 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, str | None]:
     from jaxbig.parallel.mesh import parse_mesh_spec  # JAX only for the scripts that build a config; scripts/serve.py needs neither
 
     overrides = list(args.set)
-    for flag, key in (("steps", "train.steps"), ("run_dir", "train.run_dir"), ("seed", "train.seed")):
-        value = getattr(args, flag)
+    for flag, key in (("steps", "train.steps"), ("run_dir", "train.run_dir"), ("seed", "train.seed"), ("init_from", "train.init_from")):
+        value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.mesh is not None:
         overrides += [f"mesh.{axis}={size}" for axis, size in parse_mesh_spec(args.mesh).items()]
-    return load_config(args.config, overrides), args.mesh
+    model = init_model_fields(args.init_from) if getattr(args, "init_from", None) else None
+    return load_config(args.config, overrides, model=model), args.mesh
+
+
+# How a model computes, not what it is: a fine-tune takes these from its own flags, everything else from the run it starts from.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_layers")
+
+
+def init_model_fields(run_dir: str) -> dict:
+    """The model section of the run a fine-tune starts from, less how it computes (`COMPUTE_FIELDS`)."""
+    from jaxbig.checkpoint.run import load_run_config  # JAX and orbax only for the scripts that build a config
+
+    if run_dir.startswith("hf:"):
+        return {}  # TrainConfig refuses it with the conversion command
+    model = dataclasses.asdict(load_run_config(run_dir).model)
+    return {k: v for k, v in model.items() if k not in COMPUTE_FIELDS}
 
 
 def fail(error: Exception | str, code: int = 2) -> int:

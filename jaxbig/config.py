@@ -43,6 +43,12 @@ class ModelConfig:
     d_ff: int = 512  # F, SwiGLU hidden width
     max_seq_len: int = 256  # longest sequence the RoPE tables and KV cache cover
     rope_theta: float = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5)
+    rope_scaling: str = "none"  # RoPE frequency scaling: none, linear (all frequencies / rope_factor) or llama3 (Llama 3.1's banded scaling)
+    rope_factor: float = 1.0  # linear and llama3: how far the context is stretched (Llama 3.1: 8)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept; between, a smooth blend
+    rope_original_max_len: int = 8192  # llama3: the context the model was pre-trained with before scaling
+    qkv_bias: bool = False  # learned biases on the q, k and v projections (Qwen2); o and the MLP have none
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the output projection
     dtype: str = "auto"  # compute dtype: float32, bfloat16 (params stay float32), or auto: the measured choice per backend (bfloat16 on GPU/TPU)
@@ -66,6 +72,14 @@ class ModelConfig:
         _require(self.remat in ("none", "minimal", "dots", "full"), f"model.remat={self.remat!r}: use none, minimal (alias dots) or full")
         _require(self.attention in ("einsum", "dot_product"), f"model.attention={self.attention!r}: use einsum or dot_product")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+        _require(self.rope_scaling in ("none", "linear", "llama3"), f"model.rope_scaling={self.rope_scaling!r}: use none, linear or llama3")
+        _require(self.rope_factor > 0, f"model.rope_factor={self.rope_factor} must be positive (1 = no scaling)")
+        _require(
+            self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+            f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor={self.rope_high_freq_factor}: "
+            "llama3 scaling needs 0 < low < high (Llama 3.1: 1 and 4)",
+        )
+        _require(self.rope_original_max_len > 0, f"model.rope_original_max_len={self.rope_original_max_len} must be positive")
 
     def compute_dtype(self, backend: str | None = None) -> str:
         """`dtype`, with auto resolved for `backend` (default: JAX's default backend) by `jaxbig.xla_options.AUTO_DTYPE`."""
@@ -81,6 +95,7 @@ class ModelConfig:
         """Parameter count, from the shapes (no allocation)."""
         D, F, L, H, KV, K, V = self.d_model, self.d_ff, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.vocab_size
         per_layer = D * H * K + 2 * D * KV * K + H * K * D + 3 * D * F + 2 * D
+        per_layer += (H * K + 2 * KV * K) if self.qkv_bias else 0
         n = L * per_layer + D  # final norm
         n += V * D if include_embedding else 0
         n += 0 if self.tie_embeddings else D * V
@@ -93,6 +108,8 @@ class ModelConfig:
         and PaLM's appendix B count it; remat recomputation is not counted (this is model FLOPs).
         """
         n_matmul = self.num_params(include_embedding=False) - (2 * self.num_layers + 1) * self.d_model
+        if self.qkv_bias:
+            n_matmul -= self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim  # added, not multiplied
         if self.tie_embeddings:
             n_matmul += self.vocab_size * self.d_model  # the tied table is still the logits matmul
         return 6.0 * n_matmul + 6.0 * self.num_layers * seq_len * self.num_heads * self.head_dim
@@ -281,12 +298,22 @@ class TrainConfig:
     checkpoint_every: int = 100  # checkpoint cadence in steps (also after the last step); 0 = only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept (plus the one with the best eval loss)
     skip_nonfinite: bool = False  # skip updates whose gradients are NaN/Inf (optax.apply_if_finite) instead of stopping
+    init_from: str = ""  # a run_dir whose latest params start this run (fine-tuning; e.g. one scripts/convert.py imported); "" = random init
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0")
         _require(bool(self.run_dir), "train.run_dir must not be empty")
+        _require(
+            not self.init_from.startswith("hf:"),
+            f"train.init_from={self.init_from!r}: import the Hugging Face model first "
+            f"(scripts/convert.py --from hf {self.init_from[3:]} --run_dir runs/NAME), then --init_from runs/NAME",
+        )
+        _require(
+            not self.init_from or Path(self.init_from).resolve() != Path(self.run_dir).resolve(),
+            f"train.init_from={self.init_from!r} is the run_dir itself; fine-tune into a new --run_dir",
+        )
 
 
 PRUNE_METHODS = ("none", "magnitude", "nm")
@@ -510,8 +537,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML preset at `path`, then `section.key=value` overrides (each key once)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, model: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML preset at `path`, then `model` (fields of the model section, e.g. the model a
+    fine-tune starts from), then `section.key=value` overrides (each key once)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -522,6 +550,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    if model:
+        tree["model"] = {**(tree.get("model") or {}), **model}
     seen: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)

@@ -20,16 +20,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no checkpoint could be read; the message says what to do."""
 
 
-def checkpoint_manager(run_dir: str | Path, keep: int, *, read_only: bool = False, on_commit: Callable[[], None] | None = None) -> ocp.CheckpointManager:
+def checkpoint_manager(
+    run_dir: str | Path, keep: int, *, read_only: bool = False, on_commit: Callable[[], None] | None = None, track_best: bool = True
+) -> ocp.CheckpointManager:
     """Manager over `<run_dir>/checkpoints/<step>/`; saves are asynchronous and committed atomically.
 
     Keeps the last `keep` steps plus the one with the lowest eval loss. `read_only` opens an
     existing directory for restoring; it never creates, saves or deletes (it is not orbax's
-    `read_only` option, which logs a warning on every open).
+    `read_only` option, which logs a warning on every open). `track_best=False` keeps the last `keep`
+    steps only and saves synchronously (no eval loss to rank by).
     """
     directory = Path(run_dir).resolve() / "checkpoints"
     if read_only:
         options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    elif not track_best:  # a one-off write (an imported model): no eval loss to rank by
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     else:
         keep_policy = policies.AnyPreservationPolicy(
             [

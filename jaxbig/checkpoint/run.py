@@ -22,6 +22,7 @@ from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.rules import tree_shardings
 
 CONFIG_FILE = "config.yaml"
+IMPORTED_FILE = "imported.json"  # written by jaxbig.interop's importers: params only, no optimizer state
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -37,6 +38,17 @@ def abstract_params(model: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Param
     graphdef, abstract, logical = logical_axes(model)
     shardings = tree_shardings(logical, abstract, mesh)
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """The steps `run_dir` holds checkpoints of (none when it has no checkpoints directory)."""
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        return []
+    manager = checkpoint_manager(run_dir, 1, read_only=True)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
 
 
 def load_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, nnx.GraphDef, Params, int]:
@@ -60,4 +72,4 @@ def load_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None 
     return cfg, graphdef, params, step
 
 
-__all__ = ["CONFIG_FILE", "abstract_params", "load_params", "load_run_config"]
+__all__ = ["CONFIG_FILE", "IMPORTED_FILE", "abstract_params", "checkpoint_steps", "load_params", "load_run_config"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxbig.config import ModelConfig
@@ -111,11 +112,33 @@ class RMSNorm(nnx.Module):
         return x32.astype(x_BTD.dtype) * scale_11D
 
 
-def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (Llama/HF), computed in float32."""
-    K = x_BTHK.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # [K/2]
-    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's K/2 inverse frequencies, float32: 1 / theta^(2i/K), then `cfg.rope_scaling`.
+
+    Computed as transformers computes them (`modeling_rope_utils`: `compute_default_rope_parameters`,
+    `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), in float64 then rounded once,
+    so an imported checkpoint sees the frequencies it was trained with. llama3 (Llama 3.1): wavelengths
+    longer than original_max_len / low_freq_factor are stretched by `rope_factor`, shorter than
+    original_max_len / high_freq_factor are kept, and the band between is blended linearly in 1/wavelength.
+    """
+    K = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, K, 2, dtype=np.float64) / K)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        old, low, high, factor = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, blended, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_k: np.ndarray | jax.Array) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Llama/HF), computed in float32; `inv_freq_k` from `rope_frequencies`."""
+    angles_BTk = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_k, jnp.float32)[None, None, :]
     sin, cos = jnp.sin(angles_BTk)[:, :, None, :], jnp.cos(angles_BTk)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -188,7 +211,12 @@ class Attention(nnx.Module):
         self.wk_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
         self.wv_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
         self.wo_HKD = _param(rngs, (H, K, D), std, pd, ("heads", "head_dim", "embed"))
-        self.rope_theta = cfg.rope_theta
+        if cfg.qkv_bias:  # Qwen2: zeros at init, as transformers initialises them
+            self.q_bias_HK = nnx.Param(jnp.zeros((H, K), pd), out_sharding=("heads", "head_dim"))
+            self.k_bias_NK = nnx.Param(jnp.zeros((N, K), pd), out_sharding=("kv_heads", "head_dim"))
+            self.v_bias_NK = nnx.Param(jnp.zeros((N, K), pd), out_sharding=("kv_heads", "head_dim"))
+        self.qkv_bias = cfg.qkv_bias
+        self.cfg = cfg  # static: RoPE's frequencies are computed from it at trace time
         self.attention = cfg.attention
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
@@ -196,8 +224,13 @@ class Attention(nnx.Module):
         q_BTHK = dense("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...])
         k_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...])
         v_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wv_DNK[...])
-        q_BTHK = constrain(rope(q_BTHK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_heads", None))
-        k_BTNK = constrain(rope(k_BTNK, positions_BT, self.rope_theta), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        if self.qkv_bias:
+            q_BTHK = q_BTHK + self.q_bias_HK[...].astype(dt)[None, None]
+            k_BTNK = k_BTNK + self.k_bias_NK[...].astype(dt)[None, None]
+            v_BTNK = v_BTNK + self.v_bias_NK[...].astype(dt)[None, None]
+        inv_freq_k = rope_frequencies(self.cfg)
+        q_BTHK = constrain(rope(q_BTHK, positions_BT, inv_freq_k), ("activation_batch", "activation_length", "activation_heads", None))
+        k_BTNK = constrain(rope(k_BTNK, positions_BT, inv_freq_k), ("activation_batch", "activation_length", "activation_kv_heads", None))
 
         if cache is None:
             k_BSNK, v_BSNK, key_pos_BS = k_BTNK, v_BTNK, positions_BT

@@ -18,10 +18,12 @@ from jaxbig.optim.schedules import learning_rate_schedule
 
 
 def decay_mask(params) -> dict:
-    """Weight decay on weight matrices only: none on norm scales (any param under a `*norm*` module) or biases (vectors)."""
+    """Weight decay on weight matrices only: none on norm scales (any param under a `*norm*` module) or biases
+    (vectors, or a `*bias*` param: q/k/v biases are stacked over layers and stored per head, so not vectors)."""
 
     def decays(path, x) -> bool:
-        return x.ndim >= 2 and not any("norm" in str(getattr(k, "key", k)) for k in path)
+        names = [str(getattr(k, "key", k)) for k in path]
+        return x.ndim >= 2 and not any("norm" in n or "bias" in n for n in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxbig.checkpoint import Checkpoints
-from jaxbig.checkpoint.run import CONFIG_FILE, load_run_config
+from jaxbig.checkpoint.run import CONFIG_FILE, load_params, load_run_config
 from jaxbig.compress.distill import describe, load_teacher
 from jaxbig.compress.prune import sparsity_of, sparsity_table
 from jaxbig.config import Config, ConfigError
@@ -101,7 +101,7 @@ def train(
     peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
 
     with run.context():
-        state, abstract = run.init(), run.abstract
+        abstract = run.abstract
         teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None  # frozen, outside the train state
         train_step = run.bind(teacher.params if teacher else None)
         eval_step = run.eval_step
@@ -116,7 +116,16 @@ def train(
         else:
             val = eval_batches(corpus.val_BYTES, T, B, mesh, cfg.train.eval_batches)
         start, restored = checkpoints.restore_latest(abstract, batches.iterator if batches else None)
-        state = restored if restored is not None else state
+        if restored is not None:
+            state = restored
+        elif cfg.train.init_from:  # fine-tuning: the source run's params, a fresh optimizer state
+            _, _, init_params, init_step = load_params(cfg.train.init_from, mesh=mesh)
+            state = run.init_from_params(init_params)
+            del init_params
+            if is_main:
+                say(f"initialised from {cfg.train.init_from} (its step {init_step})")
+        else:
+            state = run.init()
         if batches is None:  # raw-text windows: batch = f(seed, step), rebuilt from the step
             batches = train_batches(corpus.train_BYTES, T, B, mesh, seed=cfg.train.seed, shuffle=cfg.data.shuffle, start_step=start, prefetch=cfg.data.prefetch)
         writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)

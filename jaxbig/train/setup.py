@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxbig.checkpoint.run import abstract_params
+from jaxbig.checkpoint.run import IMPORTED_FILE, abstract_params, checkpoint_steps, load_run_config
 from jaxbig.compress.distill import make_distill_loss, teacher_config
 from jaxbig.config import Config, ConfigError
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
@@ -35,7 +36,7 @@ from jaxbig.parallel.guards import check_layout, check_sequence_parallel
 from jaxbig.parallel.pipeline import check_pipeline, layer_runner
 from jaxbig.parallel.rules import rules_for, use_rules
 from jaxbig.train.dp_step import make_dp_train_step
-from jaxbig.train.state import TrainState, abstract_train_state
+from jaxbig.train.state import TrainState, abstract_train_state, make_init_from_params
 from jaxbig.train.step import BATCH_KEYS, jit_eval_step, jit_step, make_eval_step, make_train_step
 from jaxbig.xla_options import compiler_options
 
@@ -80,6 +81,37 @@ def check_run(cfg: Config, mesh: Mesh, tokenizer=None) -> None:
     check_accumulation(cfg, sizes)
     if cfg.distill.teacher:
         teacher_config(cfg, mesh)
+    if cfg.train.init_from:
+        check_init_from(cfg, tokenizer)
+    if (Path(cfg.train.run_dir) / IMPORTED_FILE).is_file():
+        raise ConfigError(
+            f"run_dir {cfg.train.run_dir!r} holds a model imported by scripts/convert.py (params, no optimizer state); "
+            f"train from it into a new run: --init_from {cfg.train.run_dir} --run_dir runs/NEW"
+        )
+
+
+# How a model computes, not what its params are: a fine-tune may change these from the run it starts from.
+_COMPUTE = {"dtype": "float32", "param_dtype": "float32", "remat": "none", "attention": "einsum", "scan_layers": True}
+
+
+def check_init_from(cfg: Config, tokenizer) -> None:
+    """`train.init_from` names a run with a checkpoint, of this model, whose tokenizer is the data's."""
+    src = cfg.train.init_from
+    source = load_run_config(src)
+    if not checkpoint_steps(src):
+        raise ConfigError(f"train.init_from={src!r} has no checkpoints; train or import (scripts/convert.py) it first")
+    was, now = dataclasses.replace(source.model, **_COMPUTE), dataclasses.replace(cfg.model, **_COMPUTE)
+    if was != now:
+        diff = [f"model.{k} {getattr(was, k)!r} -> {getattr(now, k)!r}" for k in dataclasses.asdict(now) if getattr(was, k) != getattr(now, k)]
+        raise ConfigError(
+            f"train.init_from={src!r} is a different model (changed: {', '.join(diff)}); drop those --set/--config model "
+            "fields (--init_from takes the model from the run)"
+        )
+    if (Path(src) / "tokenizer.json").is_file() and not cfg.data.prepared:
+        raise ConfigError(
+            f"train.init_from={src!r} has its own tokenizer ({src}/tokenizer.json) but this run reads raw text as bytes; "
+            f"prepare the data with it: scripts/prepare_data.py --tokenizer hf:{src} --out DIR, then --set data.prepared=DIR"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +136,7 @@ class Run:
     run_layers: LayerRunner
     graphdef: nnx.GraphDef
     init: Callable[[], TrainState]  # jitted: materialises the state in its shardings
+    init_from_params: Callable[[Params], TrainState]  # jitted: the state around given params (train.init_from)
     shardings: TrainState
     abstract: TrainState  # ShapeDtypeStructs carrying `shardings`: the compile target and the checkpoint restore target
     batch_sharding: NamedSharding
@@ -177,6 +210,7 @@ def build(cfg: Config, mesh: Mesh, *, tokenizer=None) -> Run:
         run_layers=run_layers,
         graphdef=graphdef,
         init=jax.jit(init, out_shardings=shardings),
+        init_from_params=jax.jit(make_init_from_params(cfg.model, tx), out_shardings=shardings),
         shardings=shardings,
         abstract=abstract,
         batch_sharding=bsharding,

@@ -37,6 +37,16 @@ def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
     return init
 
 
+def make_init_from_params(cfg: ModelConfig, tx: optax.GradientTransformation):
+    """`init(params) -> TrainState`: a fresh optimizer state around given params (fine-tuning), cast to `cfg.param_dtype`."""
+
+    def init(params: Params) -> TrainState:
+        params = jax.tree.map(lambda p: p.astype(cfg.param_dtype), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState) -> TrainState:
     """Params by the logical rules; optimizer moments like their params; per-replica state split over data; the rest replicated."""
     del tx  # the state's leaves are matched to params by key path and shape (see opt_state_shardings)
