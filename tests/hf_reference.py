@@ -10,6 +10,9 @@ benchmarks/peers/requirements.txt, built by `make test`), because a PyTorch CPU 
         saved by transformers, and OUT_DIR/<case>/reference.npz holding what transformers computes for it
         (float32 logits of fixed random tokens, greedy continuations of fixed prompts). See CASES.
 
+    python tests/hf_reference.py large OUT_DIR [DTYPE]
+        A 155M-param Llama saved by transformers (make_large), for benchmarks/import_memory.py.
+
     python tests/hf_reference.py run MODEL_DIR INPUTS.npz OUT.npz
         Loads MODEL_DIR with `AutoModelForCausalLM.from_pretrained(dtype=float32)` and `AutoTokenizer` exactly as a
         user would, and writes the logits of INPUTS.npz's `tokens_BT`, `model.generate(do_sample=False)` from its
@@ -149,6 +152,19 @@ def make_fixtures(out_dir: Path) -> None:
     )
 
 
+def make_large(out_dir: Path, dtype: str) -> None:
+    """A Llama of 155M params (d 1024, 8 layers, 16 heads / 4 KV, SwiGLU 2816, vocab 32000, untied), for measuring an
+    import's peak memory (benchmarks/import_memory.py); transformers' own init, saved in `dtype` as one safetensors file."""
+    torch.manual_seed(SEED)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, dtype=dtype,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, max_shard_size="100GB")
+    train_tokenizer().save_pretrained(out_dir)
+
+
 def run(model_dir: Path, inputs_path: Path, out_path: Path) -> None:
     ins = dict(np.load(inputs_path))
     model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
@@ -163,6 +179,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # deterministic and polite: the test session runs beside it
     if sys.argv[1:2] == ["fixtures"]:
         make_fixtures(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["large"]:
+        make_large(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "bfloat16")
     elif sys.argv[1:2] == ["run"]:
         run(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
