@@ -40,6 +40,8 @@ from jaxbig.checkpoint import CONFIG_FILE, checkpoint_manager, load_params, load
 from jaxbig.checkpoint.run import IMPORTED_FILE as IMPORTED
 from jaxbig.checkpoint.run import abstract_params
 from jaxbig.config import Config, DataConfig, ModelConfig, TrainConfig
+from jaxbig.data import run_tokenizer
+from jaxbig.data.tokenizer import to_hf
 from jaxbig.interop.hf_config import InteropError, architecture_of, hf_config_for, model_config_from_hf, read_json
 from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, param_map, read_slice, to_hf
 from jaxbig.models import Params
@@ -305,7 +307,8 @@ def export_hf(
 
     `dtype` (float32, bfloat16, float16): the tensors' storage type; default the imported source's dtype, else the
     params'. Tensors are written in HF order, several files of at most `max_shard_size` with an index when they do
-    not fit one. `tokenizer_dir` holds the tokenizer files to ship (default: the run directory's own).
+    not fit one. `tokenizer_dir` holds the tokenizer files to ship (default: the run directory's own, else the run's
+    tokenizer converted to tokenizer.json: `jaxbig.data.tokenizer.to_hf`).
     """
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_run_config(run_dir)
@@ -316,8 +319,15 @@ def export_hf(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InteropError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
     hf_config = hf_config_for(cfg.model, base, dtype)
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else run_dir
-    check_tokenizer(tokenizer_dir)
+    tokenizer = None
+    if tokenizer_dir is None and not (run_dir / "tokenizer.json").is_file():
+        # A run jaxbig trained: its tokenizer (bytes, SentencePiece or a prepared set's tokenizer.json) as tokenizer.json
+        tokenizer = to_hf(run_tokenizer(cfg, run_dir))
+        if base is None:
+            hf_config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)) if v is not None})
+    else:
+        tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else run_dir
+        check_tokenizer(tokenizer_dir)
     _check_dest(out, overwrite, "--out")
     _, _, params, step = load_params(run_dir, step)
 
@@ -352,9 +362,12 @@ def export_hf(
         else:
             gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, tmp / name)
         (tmp / "jaxbig_export.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": step, "dtype": dtype}, indent=1))
         _commit_dir(tmp, out, overwrite)
     finally:
