@@ -329,3 +329,24 @@ def test_fine_tune_imported_model_on_4x2_then_serve_over_rest(imported, text_dir
     served = np.asarray(r.json()["predictions"], np.float32)
     cfg = load_params(run_dir)[0].model
     _check_logits(served, {"tokens_BT": tokens, "logits_BTV": _forward(run_dir, tokens)}, cfg, "TF Serving REST vs jaxbig")
+
+
+def test_bf16_checkpoint_into_bf16_params_round_trips(hf_fixtures, tmp_path):
+    """model.param_dtype=bfloat16 keeps a bf16 checkpoint's values as they are (no rounding either way)."""
+    run = tmp_path / "run"
+    import_hf(hf_fixtures / "llama_bf16", run, mesh=make_mesh(MeshConfig(data=8)), param_dtype="bfloat16")
+    cfg, _, params, _ = load_params(run)
+    assert cfg.model.param_dtype == "bfloat16" and all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    out = export_hf(run, tmp_path / "hf")
+    a, b = _tensors(hf_fixtures / "llama_bf16"), _tensors(out)
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_finetune_preset_takes_the_model_from_init_from(imported):
+    from jaxbig.cli import init_model_fields
+    from jaxbig.config import load_config
+
+    src = imported["llama3_rope"]
+    cfg = load_config(REPO / "configs" / "finetune.yaml", [f"train.init_from={src}"], model=init_model_fields(str(src)))
+    assert cfg.model == dataclasses.replace(load_params(src)[0].model, dtype=cfg.model.dtype)
+    assert cfg.optim.learning_rate == 2e-5 and cfg.optim.weight_decay == 0.0
