@@ -328,7 +328,15 @@ def test_fine_tune_imported_model_on_4x2_then_serve_over_rest(imported, text_dir
     assert r.status_code == 200, r.text
     served = np.asarray(r.json()["predictions"], np.float32)
     cfg = load_params(run_dir)[0].model
-    _check_logits(served, {"tokens_BT": tokens, "logits_BTV": _forward(run_dir, tokens)}, cfg, "TF Serving REST vs jaxbig")
+    ours = _forward(run_dir, tokens)
+    _check_logits(served, {"tokens_BT": tokens, "logits_BTV": ours}, cfg, "TF Serving REST vs jaxbig")
+
+    # And back to transformers: the fine-tune keeps the imported model's architecture, config fields and tokenizer.
+    out = export_hf(run_dir, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    got = transformers_run(out, {"tokens_BT": tokens, "prompt_BP": tokens[:, :4], "new_tokens": np.array(4)}, tmp_path / "ref")
+    _check_logits(ours, {"tokens_BT": tokens, "logits_BTV": got["logits_BTV"]}, cfg, "fine-tuned model in transformers")
 
 
 def test_bf16_checkpoint_into_bf16_params_round_trips(hf_fixtures, tmp_path):
