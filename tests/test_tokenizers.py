@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tokenizers
 
+from jaxbig.data.prepare import PreparedData, prepare
 from jaxbig.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, to_hf, tokenizer_from_dict
 from conftest import REPO  # the repository root (tests/conftest.py)
 
@@ -168,3 +169,18 @@ def test_transformers_autotokenizer_gives_the_same_ids(tmp_path, corpus, bpe):
         for text, ids, decoded in zip(texts, ref[d]["ids"], ref[d]["text"]):
             assert tok.encode(text).tolist() == ids, (name, text)
             assert tok.decode(ids) == decoded, (name, text)
+
+
+def test_prepared_documents_start_with_bos_and_end_once(tmp_path, text_dir, bpe):
+    """A Llama-style tokenizer: each record is BOS + text (the packer appends the eos; the template's is not doubled)."""
+    tok = _llama_style(bpe, "<s> $A </s>")
+    tok.save_pretrained(tmp_path / "tok")
+    prepare([str(text_dir)], tmp_path / "set", tokenizer=f"hf:{tmp_path / 'tok'}", val_fraction=0.2)
+    data = PreparedData(tmp_path / "set")
+    docs = data.documents("val")
+    originals = {f.read_text() for f in text_dir.iterdir()}
+    for i in range(len(docs)):
+        ids = data.decode(docs[i])
+        assert ids[0] == tok.bos_id and ids[-1] != tok.eos_id and tok.eos_id not in ids
+        assert tok.decode(ids) in originals
+    assert data.tokenizer.fingerprint() == tok.fingerprint()
