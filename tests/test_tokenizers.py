@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import tokenizers
 
+from jaxbig.config import ConfigError, load_config
 from jaxbig.data.prepare import PreparedData, prepare
+from jaxbig.data.run import run_tokenizer
 from jaxbig.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, to_hf, tokenizer_from_dict
-from conftest import REPO  # the repository root (tests/conftest.py)
+from conftest import REPO, TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
 
 # ASCII, Latin-1, a letter that is also one of GPT-2's byte symbols (U+0100), CJK, emoji (4-byte UTF-8), tabs, newlines, runs of spaces.
 MIXED = ["def f(x):\n\treturn x  # é", "naïve café — ✓ 🙂👍🏽", "Ā is U+0100; 日本語\r\n", "   \t\t\n\n", "x"]
@@ -184,3 +186,41 @@ def test_prepared_documents_start_with_bos_and_end_once(tmp_path, text_dir, bpe)
         assert ids[0] == tok.bos_id and ids[-1] != tok.eos_id and tok.eos_id not in ids
         assert tok.decode(ids) in originals
     assert data.tokenizer.fingerprint() == tok.fingerprint()
+
+
+def test_a_run_trains_on_bpe_data_and_generates_with_its_tokenizer(tmp_path, text_dir, capsys):
+    """prepare_data --tokenizer bpe -> train -> scripts/generate.py decodes with the run's tokenizer."""
+    from jaxbig.checkpoint.run import load_params
+    from jaxbig.models.decode import generate
+    from jaxbig.train.loop import train
+
+    data = tmp_path / "data"
+    assert _script_main("prepare_data")(["--input", str(text_dir), "--out", str(data), "--tokenizer", "bpe", "--vocab_size", "384", "--val_fraction", "0.2"]) == 0
+    assert "tokenizer hf (vocab 384)" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_MODEL, "train.eval_batches=1", f"train.run_dir={run_dir}", f"data.prepared={data}", "train.steps=2", "train.eval_every=2", "train.log_every=2", "optim.warmup_steps=1"]
+    with pytest.raises(ConfigError, match="model.vocab_size=256 is smaller than the hf tokenizer's 384 tokens"):
+        train(load_config(None, overrides), progress=False)
+    cfg = load_config(None, [*overrides, "model.vocab_size=384"])
+    train(cfg, progress=False)
+    tok = run_tokenizer(cfg, run_dir)
+    assert tok.fingerprint() == PreparedData(data).tokenizer.fingerprint()
+
+    capsys.readouterr()  # the loop's log
+    prompt = "def main(): é"
+    assert _script_main("generate")(["--run_dir", str(run_dir), "--prompt", prompt, "--max_new_tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    # The same decoding, called here with the same arguments (the same program), then detokenized with the BPE.
+    cfg, graphdef, params, _ = load_params(run_dir)
+    ids = np.asarray(generate(graphdef, params, tok.encode(prompt)[None], __import__("jax").random.key(0), max_new_tokens=12, temperature=0.0, top_k=0))[0]
+    eos = np.flatnonzero(ids == tok.eos_id)
+    assert printed == prompt + tok.decode(ids[: eos[0]] if len(eos) else ids) + "\n"
+    assert ids.max() < 384
+
+    # A tokenizer.json in the run directory (an imported model's) is the run's tokenizer, ahead of the data's.
+    other = to_hf(ByteTokenizer())
+    other.save_pretrained(run_dir)
+    assert run_tokenizer(cfg, run_dir).fingerprint() == other.fingerprint()
+    (run_dir / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ConfigError, match=f"run_dir '{run_dir}': '{run_dir}/tokenizer.json' is not a Hugging Face tokenizer.json"):
+        run_tokenizer(cfg, run_dir)
