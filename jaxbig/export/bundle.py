@@ -4,7 +4,8 @@ exports/NAME/<V>/
   saved_model.pb, variables/          TF SavedModel: signatures serving_default and generate
   assets.extra/tf_serving_warmup_requests
   jax/{forward,generate}.jax_exported, jax/params.npz
-  manifest.json
+  manifest.json                       names the run's tokenizer; its files lie beside it:
+  tokenizer.model | tokenizer.json, tokenizer_config.json   (SentencePiece | Hugging Face; none for bytes)
 Everything is written to exports/NAME/.tmp-<V>-*, then renamed: a failed export leaves no
 version directory behind (TF Serving ignores non-numeric names while it is being written).
 """
@@ -24,7 +25,7 @@ import numpy as np
 from jaxbig.compress.prune import sparsity_by_layer
 from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
 from jaxbig.config import ConfigError
-from jaxbig.data.tokenizer import ByteTokenizer
+from jaxbig.data.run import run_tokenizer
 from jaxbig.export.artifact import PLATFORMS, export_functions, flatten_params, leaf_manifest, to_leaves, write_artifacts
 from jaxbig.export.targets import get_target
 from jaxbig.checkpoint.run import load_params
@@ -96,6 +97,7 @@ def export_run(
     if final.exists() and not overwrite:
         raise ConfigError(f"{str(final)!r} already exists; pick another --version or pass --overwrite")
     cfg, graphdef, params, step = load_params(run_dir, step)
+    tokenizer = run_tokenizer(cfg, run_dir)  # the clients (jaxbig.serve.client.load_tokenizer) tokenize with it
 
     flat = flatten_params(params)
     rules = llama_rules()
@@ -109,6 +111,7 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out))
     try:
         write_artifacts(tmp, forward, generate, leaves)
+        tokenizer.save_files(tmp)
         savedmodel.save(tmp, leaves, forward, generate, serving, cfg.model.max_seq_len, cfg.model.vocab_size)
         savedmodel.write_warmup(tmp, out.name, _warmup_requests(cfg.model.max_seq_len))
         manifest = {
@@ -116,7 +119,7 @@ def export_run(
             "run_dir": str(run_dir),
             "step": step,
             "model": cfg.to_dict()["model"],
-            "tokenizer": ByteTokenizer().to_dict(),
+            "tokenizer": tokenizer.to_dict() | {"fingerprint": tokenizer.fingerprint()},
             "params": leaf_manifest(leaves),
             "sparsity": _sparsity(flat, leaves),
             "quantization": {
