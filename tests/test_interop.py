@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from jaxbig.checkpoint.run import load_params
 from jaxbig.config import MeshConfig
+from jaxbig.data.tokenizer import HFTokenizer
 from jaxbig.interop import InteropError, export_hf, import_hf
 from jaxbig.models import abstract_model
 from jaxbig.models.decode import generate
@@ -334,7 +335,7 @@ def test_fine_tune_imported_model_on_4x2_then_serve_over_rest(imported, text_dir
     # And back to transformers: the fine-tune keeps the imported model's architecture, config fields and tokenizer.
     out = export_hf(run_dir, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert HFTokenizer.load(out).fingerprint() == HFTokenizer.load(src).fingerprint()
     got = transformers_run(out, {"tokens_BT": tokens, "prompt_BP": tokens[:, :4], "new_tokens": np.array(4)}, tmp_path / "ref")
     _check_logits(ours, {"tokens_BT": tokens, "logits_BTV": got["logits_BTV"]}, cfg, "fine-tuned model in transformers")
 

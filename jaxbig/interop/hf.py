@@ -43,7 +43,7 @@ from jaxbig.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxbig.data import run_tokenizer
 from jaxbig.data.tokenizer import to_hf
 from jaxbig.interop.hf_config import InteropError, architecture_of, hf_config_for, model_config_from_hf, read_json
-from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, param_map, read_slice, to_hf
+from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, layer_to_hf, param_map, read_slice
 from jaxbig.models import Params
 
 SINGLE_FILE = "model.safetensors"
@@ -278,7 +278,7 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype: str) -> Iterator[tuple[s
         leaf = _leaf(params, entry.path)
         for l, name in enumerate(hf_names(entry, cfg.num_layers)):
             layer = np.asarray(jax.device_get(leaf[l] if entry.layered else leaf))
-            yield name, to_hf(entry.kind, layer.astype(np_dtype))
+            yield name, layer_to_hf(entry.kind, layer.astype(np_dtype))
 
 
 def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
