@@ -27,7 +27,7 @@ from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
 from jaxbig.runtime import seconds_since_process_start
 from jaxbig.train import metrics as metrics_lib
-from jaxbig.train.setup import build
+from jaxbig.train.setup import build, tokenizer_of
 from jaxbig.train.step import mean_loss
 from jaxbig.xla_options import cache_stats, enable_compilation_cache
 
@@ -90,7 +90,7 @@ def train(
 
     # --- mesh, data, model and optimizer --------------------------------------------------------
     prepared = PreparedData(cfg.data.prepared) if cfg.data.prepared else None
-    tokenizer = prepared.tokenizer if prepared else ByteTokenizer()
+    tokenizer = tokenizer_of(cfg)
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     # Every check, the optimizer, the state's layout and the jitted steps (jaxbig.train.setup, which the
     # planner shares); a bad layout or XLA profile fails here, before anything is allocated or the run dir touched.

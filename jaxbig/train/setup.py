@@ -27,9 +27,7 @@ from jaxbig.checkpoint.run import IMPORTED_FILE, abstract_params, checkpoint_ste
 from jaxbig.compress.distill import make_distill_loss, teacher_config
 from jaxbig.config import Config, ConfigError
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
-from jaxbig.data.prepare import PreparedData
 from jaxbig.data.run import run_tokenizer
-from jaxbig.data.tokenizer import ByteTokenizer
 from jaxbig.models import Params, logical_axes
 from jaxbig.models.layers import LayerRunner
 from jaxbig.optim import check_accumulation, check_mesh, optimizer_for, uses_data_parallel_step
@@ -45,8 +43,8 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def tokenizer_of(cfg: Config):
-    """The run's tokenizer: the prepared data's (`data.prepared`), else bytes."""
-    return PreparedData(cfg.data.prepared).tokenizer if cfg.data.prepared else ByteTokenizer()
+    """The run's tokenizer (`jaxbig.data.run_tokenizer`): the prepared data's (`data.prepared`), else bytes."""
+    return run_tokenizer(cfg, cfg.train.run_dir)
 
 
 def xla_options_for(cfg: Config, mesh: Mesh) -> dict[str, Any] | None:
