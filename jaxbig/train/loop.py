@@ -98,7 +98,8 @@ def train(
     corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
+    # Outside the mesh context (it runs on one device); in the compute dtype, with the step's XLA options.
+    peak = metrics_lib.machine_peak_flops(cfg.model.compute_dtype(), compiler_options=run.compiler_options)
 
     with run.context():
         state, abstract = run.init(), run.abstract
@@ -214,7 +215,8 @@ def train(
         compile_s=summary["first_call_s"] - step_s if step_s and "first_call_s" in summary else None,
         compilation_cache=dict(cache_stats, dir=str(cache_dir)) if cache_dir else None,
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
-        mfu=float(np.median(clock.rates)) * flops_per_token / peak if clock.rates else None,
+        mfu=metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None,
+        peak_flops=peak,  # per compute dtype: measured on CPU, published for known GPUs/TPUs, None (no MFU) otherwise
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
     )
@@ -226,7 +228,7 @@ def train(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         say(
             f"done: eval_loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/token | "
-            f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {summary['mfu'] or 0:.3f} | "
+            f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {"n/a" if summary["mfu"] is None else format(summary["mfu"], ".3f")} | "
             f"first step {summary.get('time_to_first_step_s') or summary.get('first_step_s', 0):.1f}s after start | {summary['wall_s']:.0f}s total | checkpoints in {run_dir}/checkpoints"
         )
     return summary
@@ -260,7 +262,7 @@ class _Throughput:
         rate = (step - self._step) * self.tokens_per_step / busy
         self.rates.append(rate)
         self.mark(step)
-        return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
+        return {"tokens_per_sec": rate, "mfu": metrics_lib.mfu(rate, self.flops_per_token, self.peak)}
 
 
 def _host_mean(x: jax.Array) -> float:
