@@ -29,7 +29,7 @@ from jaxbig.config import Config, MeshConfig
 from jaxbig.data import batch_sharding, load_corpus, train_batches
 from jaxbig.optim import build_optimizer
 from jaxbig.parallel.mesh import make_mesh
-from jaxbig.train.metrics import measure_matmul_peak
+from jaxbig.train.metrics import machine_peak_flops
 from jaxbig.train.state import init_train_state
 from jaxbig.train.step import jit_train_step, make_train_step
 from jaxbig.xla_options import compiler_options
@@ -157,10 +157,28 @@ def bench_config(
     return Result(name, cfg, steps, first_step_s, rates, final_loss), to_first_step
 
 
-def measure_peak() -> float:
-    """The one-device matmul peak, measured now (not read from the cache)."""
-    with jax.default_device(jax.devices()[0]):
-        return measure_matmul_peak(use_cache=False)
+_PEAKS: dict[tuple[str, str], float | None] = {}
+
+
+def measure_peak(dtype: str = "float32", options: dict | None = None) -> float | None:
+    """The one-device peak for `dtype` with XLA `options` (default: compile.xla_profile=auto's for the dtype): on CPU
+    measured now, once per process, not read from the cache; on an accelerator the published table's figure, or None
+    where it does not list the device (`jaxbig.train.metrics`)."""
+    options = compiler_options("auto", jax.default_backend(), dtype) if options is None else options
+    key = (dtype, repr(sorted(options.items())))
+    if key not in _PEAKS:
+        with jax.default_device(jax.devices()[0]):
+            _PEAKS[key] = machine_peak_flops(dtype, jax.devices()[:1], compiler_options=options, use_cache=False)
+    return _PEAKS[key]
+
+
+def peak_text(peak: float | None) -> str:
+    return "not known for this device (no MFU)" if peak is None else f"{peak / 1e9:.1f} GFLOP/s"
+
+
+def mfu_cell(flops_per_s: float, peak: float | None) -> str:
+    """An MFU table cell: n/a where the peak is not known."""
+    return "n/a" if peak is None else f"{flops_per_s / peak:.3f}"
 
 
 # --------------------------------------------------------------------------- reporting
@@ -191,7 +209,7 @@ def table(results: list[Result], peak: float) -> str:
         rows.append(
             f"| {res.name} | {cfg.model.num_params() / 1e6:.2f}M | {cfg.train.batch_size}×{cfg.data.seq_len} "
             f"| {m['jaxbig']:,.0f} | {m['handwritten']:,.0f} | **{res.ratio:.3f}** | {m['handwritten-defaults']:,.0f} "
-            f"| {m['jaxbig'] / m['handwritten-defaults']:.2f}x | {m['jaxbig'] * flops / peak:.3f} "
+            f"| {m['jaxbig'] / m['handwritten-defaults']:.2f}x | {mfu_cell(m['jaxbig'] * flops, peak)} "
             f"| {res.first_step_s['jaxbig']:.2f} / {res.first_step_s['handwritten']:.2f} "
             f"| {res.compile_s('jaxbig'):.2f} / {res.compile_s('handwritten'):.2f} |"
         )
@@ -204,7 +222,7 @@ def report(results: list[Result], peak: float, *, command: str, to_first_step: f
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
         f"Machine: {machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
-        f"Measured matmul peak (2048² float32, one device): {peak / 1e9:.1f} GFLOP/s  ",
+        f"Peak (2048² float32 matmul with the step's XLA options, one device): {peak_text(peak)}  ",
         f"Method: one device; same initial params, optimizer and batches (real corpus windows from jaxbig.data, on the device before timing) for all three; "
         + ", ".join(f"{len(r.rates['jaxbig'])} rounds of {r.steps} steps ({r.name})" for r in results)
         + ", alternating which goes first, "

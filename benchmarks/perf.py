@@ -17,7 +17,8 @@ process, one device); and the PyTorch eager peer (`benchmarks/peers/torch_llama.
 
 FLOPs are model FLOPs (`ModelConfig.flops_per_token`: 6 x matmul params + the causal attention
 term), the same formula for every implementation, so GFLOP/s compare across block types. MFU is
-against the 2048² float32 matmul peak measured in this process.
+against the peak for float32 (a 2048² float32 matmul measured in this process with jaxbig's XLA options on CPU;
+the published table on known GPUs/TPUs).
 
 `--check` re-runs the loop table and exits 1 when a config's tokens/s is more than `--margin`
 below the baseline recorded in docs/benchmarks.md (the `perf:baseline` line of the `bench:perf`
@@ -219,7 +220,7 @@ def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
         flops = r.tokens_per_s * r.flops_per_token
         rows.append(
             f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.batch}×{r.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
-            f"| {flops / peak:.3f} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
+            f"| {harness.mfu_cell(flops, peak)} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
             f"| {r.compile_s:.1f} | {r.time_to_first_step_s:.1f} | {r.peak_rss_mib:,.0f} | {r.final_loss:.3f} |"
         )
     return rows
@@ -253,7 +254,7 @@ def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: di
             entries.append((p["label"], p["tokens_per_s"]))
         for name, rate in entries:
             flops = rate * r.flops_per_token
-            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {flops / peak:.3f} | {base / rate:.2f} |")
+            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {harness.mfu_cell(flops, peak)} | {base / rate:.2f} |")
     return rows
 
 
@@ -262,7 +263,7 @@ def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[floa
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
         f"Machine: {harness.machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
-        f"Measured matmul peak (2048² float32, one device): {peak / 1e9:.1f} GFLOP/s  ",
+        f"Peak (2048² float32 matmul with the step's XLA options, one device): {harness.peak_text(peak)}  ",
         "",
         "**jaxbig's training loop** (`scripts/train.py --config C --mesh M`, fresh compilation cache; per-step times from the loop, "
         f"the first {SKIP_STEPS} after the compile step dropped):",

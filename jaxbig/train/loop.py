@@ -68,7 +68,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
 
 
 # How a model is computed, not what its params are: a run may resume with any of these changed.
-COMPUTE_OPTIONS = {"dtype": "float32", "remat": "none", "attention": "einsum", "scan_layers": True}
+COMPUTE_OPTIONS = {"dtype": "float32", "remat": "none", "attention": "auto", "scan_layers": True}
 
 
 def _params_of(model):
