@@ -189,7 +189,7 @@ class Attention(nnx.Module):
         self.wv_DNK = _param(rngs, (D, N, K), std, pd, ("embed", "kv_heads", "head_dim"))
         self.wo_HKD = _param(rngs, (H, K, D), std, pd, ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
-        self.attention = cfg.attention
+        self.attention = cfg.attention_impl()  # auto resolved for the backend
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
         dt = x_BTD.dtype
