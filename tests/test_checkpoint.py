@@ -39,6 +39,35 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
         assert (tmp_path / "checkpoints" / str(step) / CHECKSUMS).is_file()
 
 
+def test_checksums_are_xxh3_and_older_sha256_steps_still_verify(tmp_path):
+    """New steps record XXH3-128 digests; a step checksummed with sha256 (before) is checked with sha256; both catch a
+    flipped byte that keeps the size."""
+    import hashlib
+    import json
+
+    from jaxbig.checkpoint.integrity import DIGEST, verify, write_checksums
+
+    (tmp_path / "state").mkdir()
+    for i in range(3):
+        (tmp_path / "state" / f"f{i}").write_bytes(np.random.default_rng(i).bytes(100_000 + i))
+    write_checksums(tmp_path)
+    sums = json.loads((tmp_path / CHECKSUMS).read_text())
+    assert set(sums) == {"state/f0", "state/f1", "state/f2"} and all(DIGEST in v and "sha256" not in v for v in sums.values())
+    assert verify(tmp_path) is None
+    old = {rel: {"bytes": v["bytes"], "sha256": hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()} for rel, v in sums.items()}
+    (tmp_path / CHECKSUMS).write_text(json.dumps(old))
+    assert verify(tmp_path) is None
+    for algorithm, sums_now in (("sha256", old), (DIGEST, None)):
+        if sums_now is None:
+            write_checksums(tmp_path)
+        data = bytearray((tmp_path / "state" / "f1").read_bytes())
+        data[500] ^= 0x01
+        (tmp_path / "state" / "f1").write_bytes(bytes(data))
+        assert verify(tmp_path) == f"state/f1 does not match its {algorithm} (corrupted)"
+        data[500] ^= 0x01
+        (tmp_path / "state" / "f1").write_bytes(bytes(data))
+
+
 def _largest_array_file(step_dir):
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "_METADATA" not in p.name and p.suffix != ".json"]
     return max(files, key=lambda p: p.stat().st_size)
