@@ -217,12 +217,13 @@ def test_serving_default_int8_dynamic(exported, drq, tf_results):
         agree.append((got.argmax(-1) == ref.argmax(-1)).ravel())
     assert np.concatenate(exact_rows).mean() >= 0.8, np.concatenate(exact_rows).mean()
     assert np.concatenate(agree).mean() >= 0.90, np.concatenate(agree).mean()
-    # the export computes what the model computes under the DRQ context (weights: the dequantized int8)
-    from jaxbig.compress import dequantize, llama_rules, quantize_params
+    # the export computes what the model computes under the DRQ context (weights: the stored int8 and scales)
+    from jaxbig.compress import llama_rules, quantize_params
+    from jaxbig.compress.quantize import weight_operand
     from jaxbig.export.artifact import _unflatten, flatten_params
 
     qparams = quantize_params(flatten_params(params), "int8-dynamic", llama_rules())
-    model = nnx.merge(graphdef, _unflatten({p: dequantize(e) for p, e in qparams.items()}))
+    model = nnx.merge(graphdef, _unflatten({p: weight_operand(p, e, "int8-dynamic", llama_rules()) for p, e in qparams.items()}))
     with use_dense(dynamic_int8_einsum):
         direct = np.asarray(model(_tokens(3, 32)))
     assert close_to(tf_results[f"{drq}|tokens_3x32"], direct).mean() >= 0.8
