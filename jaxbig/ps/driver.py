@@ -172,6 +172,7 @@ def train_ps(
             + (f" | resuming at step {start}, server version {version}" if start else "")
         )
         say(f"step {start:>6d} | eval_loss {summary['initial_eval_loss']:.4f}")
+        summary["rounds_start_s"] = time.perf_counter() - t_start  # actors up and compiled: the first round starts
         summary.update(_schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress, start, end, stop_after, version, positions, clocks, pids, t_start))
     checkpoints.close()
     writer.close()
@@ -194,7 +195,7 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
     log = _Log(cfg, writer)
     done = assigned = start
     saving = False  # a checkpoint is due: no new rounds until the in-flight ones finish
-    restarts, failures = 0, [0] * W
+    restarts = 0
     staleness_all: list[int] = []
     evals: list[tuple[int, float, float]] = []
     last_eval = None
@@ -218,26 +219,36 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
     def pull_params() -> dict:
         return {n: v for _, part in ray.get([s.pull.remote() for s in shards]) for n, v in part.items()}
 
-    while done < end or in_flight:
-        busy = {spec[0] for spec in in_flight.values()}
+    probes: dict[Any, tuple] = {}  # ObjectRef of a restarted worker's pid() -> the round it must redo
+    while done < end or in_flight or probes:
+        busy = {spec[0] for spec in [*in_flight.values(), *probes.values()]}
         if not saving:
             for w in range(W):
                 if w not in busy and assigned < end and clocks[w] - min(clocks) <= ps.max_staleness:
                     submit(w)
-        if not in_flight:
+        if not in_flight and not probes:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ready, _ = ray.wait([*in_flight, *probes], num_returns=1)
+        if ready[0] in probes:  # a worker that died: back yet?
+            spec = probes.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.ActorUnavailableError:  # still restarting (importing, compiling)
+                time.sleep(0.5)
+                probes[workers[spec[0]].pid.remote()] = spec
+                continue
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"worker {spec[0]} died and cannot be restarted (ps.max_restarts={ps.max_restarts}): {str(e)[:300]}") from e
+            submit(spec[0], spec)
+            continue
         spec = in_flight.pop(ready[0])
         w = spec[0]
         try:
             record = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
-            failures[w] += 1
             restarts += 1
-            if failures[w] > ps.max_restarts:
-                raise RuntimeError(f"worker {w} died {failures[w]} times, more than ps.max_restarts={ps.max_restarts}: {str(e)[:300]}") from e
-            say(f"worker {w} died ({type(e).__name__}); Ray restarts it (restart {failures[w]} of {ps.max_restarts}) and it redoes round {spec[1]} from the server's params")
-            submit(w, spec)
+            say(f"worker {w} died during round {spec[1]} ({type(e).__name__}); Ray restarts it and it redoes the round from the server's params")
+            probes[workers[w].pid.remote()] = spec
             continue
         record["clock_gap"] = spec[4]
         if record["pid"] != pids[w]:
