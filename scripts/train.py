@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.optim.outer == "async_ps":  # the parameter server on Ray actors (needs the .[ps] extra)
             if spec is not None:
                 raise ConfigError("optim.outer=async_ps runs one driver process; its workers are Ray actors (drop the multi-process flags)")
-            from jaxbig.ps.driver import train_ps
-
+            try:
+                from jaxbig.ps.driver import train_ps
+            except ModuleNotFoundError as e:
+                if e.name != "ray":
+                    raise
+                raise ConfigError("optim.outer=async_ps needs Ray: pip install -e '.[ps]' (make setup installs it)") from None
             train_ps(cfg, ray_address=args.ray_address, fresh=args.fresh, progress=not args.no_progress)
             return 0
         if args.ray_address:

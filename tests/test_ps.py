@@ -157,14 +157,19 @@ def test_one_worker_without_staleness_matches_the_synchronous_run(cluster, text_
     assert abs(summary["final_eval_loss"] - sync_summary["final_eval_loss"]) < 1e-5
 
 
-def test_staleness_bound_holds_and_a_killed_worker_rejoins(cluster, text_dir, tmp_path):
-    """Two workers, one 3x slower, bound 1, two server shards, int8 pushes; worker 0 is killed -9 mid-run."""
+def test_async_local_sgd_survives_a_killed_worker_and_a_stopped_driver(cluster, text_dir, tmp_path):
+    """Async local SGD, 2 workers (one 2x slower), staleness bound 1, 2 server shards, int8 pushes.
+
+    The first driver run has worker 0 killed with SIGKILL mid-run and stops after the checkpoint at step 12
+    (as if the driver were killed there); the same call again resumes from it and finishes.
+    """
     from jaxbig.ps.driver import WORKERS_FILE, train_ps
 
     run_dir = tmp_path / "run"
     cfg = _cfg(
-        text_dir, run_dir, "ps.workers=2", "ps.max_staleness=1", "ps.worker_slowdown=1,3", "ps.num_server_shards=2",
-        "optim.compression=int8", "train.steps=24", "train.log_every=2",
+        text_dir, run_dir, "ps.algorithm=async_local_sgd", "ps.workers=2", "ps.local_steps=4", "ps.worker_slowdown=1,2",
+        "ps.max_staleness=1", "ps.num_server_shards=2", "optim.compression=int8", "optim.outer_learning_rate=0.7",
+        "optim.outer_momentum=0.5", "train.steps=24", "train.checkpoint_every=12", "train.log_every=2",
     )  # fmt: skip
     killed = []
 
@@ -172,40 +177,28 @@ def test_staleness_bound_holds_and_a_killed_worker_rejoins(cluster, text_dir, tm
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             metrics = run_dir / "metrics.jsonl"
-            if (run_dir / WORKERS_FILE).exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            if (run_dir / WORKERS_FILE).exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
                 pid = json.loads((run_dir / WORKERS_FILE).read_text())["0"]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     thread = threading.Thread(target=kill_worker_mid_run, daemon=True)
     thread.start()
-    summary = train_ps(cfg, progress=False)
+    first = train_ps(cfg, progress=False, stop_after=12)
     thread.join(timeout=5)
     assert killed, "the run ended before the worker could be killed"
-    assert summary["worker_restarts"] >= 1 and summary["steps"] == 24
+    assert first["worker_restarts"] >= 1 and 12 <= first["steps"] < 24
     assert json.loads((run_dir / WORKERS_FILE).read_text())["0"] != killed[0]  # a new process took its place
-    records = [r for r in _records(run_dir) if "pushes" in r]
-    assert max(r["clock_gap_max"] for r in records) <= 1  # SSP: no worker started a round >1 ahead of the slowest
-    assert summary["staleness_max"] >= 1  # the fast worker did run ahead
-    # int8 pushes: 1 byte per entry + 4 bytes of scale per 256 (padded per tensor), against 4 bytes per float32.
-    pushed = sum(r["bytes_pushed"] for r in records) / sum(r["pushes"] for r in records)
-    assert pushed < 0.3 * 4 * cfg.model.num_params()
-    assert np.isfinite(summary["final_eval_loss"]) and summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
 
-
-def test_async_local_sgd_resumes_when_the_driver_is_run_again(cluster, text_dir, tmp_path):
-    from jaxbig.ps.driver import train_ps
-
-    run_dir = tmp_path / "run"
-    cfg = _cfg(
-        text_dir, run_dir, "ps.algorithm=async_local_sgd", "ps.workers=2", "ps.local_steps=4", "ps.worker_slowdown=1,2",
-        "optim.outer_learning_rate=0.7", "optim.outer_momentum=0.5", "train.steps=24", "train.checkpoint_every=8", "train.log_every=4",
-    )  # fmt: skip
-    first = train_ps(cfg, progress=False, stop_after=8)
-    assert 8 <= first["steps"] < 24
     second = train_ps(cfg, progress=False)
     assert second["start_step"] == first["steps"]  # resumed from the checkpoint the first driver left
     assert second["steps"] == 24 and sum(second["positions"]) == 24  # every batch read once, by position
     assert second["version"] > first["version"]
-    assert second["final_eval_loss"] < second["initial_eval_loss"]
+    records = [r for r in _records(run_dir) if "pushes" in r]
+    assert max(r["clock_gap_max"] for r in records) <= 1  # SSP: no round started more than 1 ahead of the slowest
+    assert max(r["staleness_max"] for r in records) >= 1  # the fast worker did run ahead
+    # int8 pushes: 1 byte per entry + 4 bytes of scale per 256 (padded per tensor), against 4 bytes per float32.
+    pushed = sum(r["bytes_pushed"] for r in records) / sum(r["pushes"] for r in records)
+    assert pushed < 0.3 * 4 * cfg.model.num_params()
+    assert np.isfinite(second["final_eval_loss"]) and second["final_eval_loss"] < first["initial_eval_loss"] - 0.3
