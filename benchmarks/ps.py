@@ -99,7 +99,7 @@ def report(results: dict[str, dict], *, command: str, load: tuple[float, float])
         f"({cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / 1e6:.2f}M tokens), {cfg.optim.optimizer} lr {cfg.optim.learning_rate} "
         f"({cfg.optim.schedule}, {cfg.optim.warmup_steps} warmup), validation over {cfg.train.eval_batches} batches every {cfg.train.eval_every} steps. "
         f"Target = sync's final validation loss + {TARGET_MARGIN:.0%} = {target:.4f}. Wall-clock counts from the first round "
-        "(actor start-up and compilation excluded, the same for all three).  ",
+        "(actor start-up and compilation excluded: each worker compiles its step, with one discarded step, before the first round).  ",
         "",
         *rows,
         "",

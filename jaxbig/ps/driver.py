@@ -257,7 +257,7 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
             say(f"worker {w} is back (pid {pids[w]}) and rejoined from the server's params")
         clocks[w] += 1
         speeds[w] = record["speed"]
-        version = max(version, record["version_pulled"] + record["staleness"] + 1)
+        version = max(version, record["version"])
         staleness_all.append(record["staleness"])
         log.add(record)
         before, done = done, done + record["steps"]

@@ -63,13 +63,14 @@ class ServerShard:
         """(version, params as host arrays by name)."""
         return self.version, {n: np.asarray(v) for n, v in to_flat(self.params).items()}
 
-    def push(self, worker: int, clock: int, payload: Payload) -> int:
-        """Applies a worker's push (or, in synchronous rounds, adds it to the round); returns the version it was applied on.
+    def push(self, worker: int, clock: int, payload: Payload) -> tuple[int, int]:
+        """Applies a worker's push (or, in synchronous rounds, adds it to the round); returns (the version it was
+        applied on, the version after it).
 
         A push repeated with the same (worker, clock), by a worker retrying after a failure, is applied once.
         """
         if self.applied.get(worker, (-1, 0))[0] == clock:
-            return self.applied[worker][1]
+            return self.applied[worker][1], self.version
         update = nest(self.codec.decode(payload))
         base = self.version
         if self.round_size == 1:
@@ -84,7 +85,7 @@ class ServerShard:
                 self.version += 1
                 self.pending, self.pending_count = None, 0
         self.applied[worker] = (clock, base)
-        return base
+        return base, self.version
 
     def state(self) -> tuple[Flat, Any, int]:
         """(params, optimizer state, version) on the host, for a checkpoint; call when no round is half applied."""

@@ -55,6 +55,18 @@ class Worker:
             batch_sharding = {k: self.run.batch_sharding for k in ("inputs", "targets")}
             params = self.run.shardings.params
             self.grad_step = jax.jit(step, in_shardings=(params, batch_sharding), out_shardings=(params, None), compiler_options=self.run.compiler_options)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compiles the step now, with one step on the first batch from the initial params, discarded: the
+        driver's first round, and the rounds a benchmark times, then measure training, not compilation."""
+        with self.run.context():
+            state = self.run.init()
+            batch = self._batch(0)
+            if self.cfg.ps.algorithm == "async_sgd":
+                jax.block_until_ready(self.grad_step(state.params, batch))
+            else:
+                jax.block_until_ready(self.run.train_step(state, batch))
 
     def pid(self) -> int:
         return os.getpid()
@@ -86,11 +98,11 @@ class Worker:
                 losses.append(float(metrics["loss"]))
                 update = to_flat(jax.device_get(grads))
             else:
-                state = self.run.init_from_params(params)
-                if self.opt_state is not None:
-                    state = TrainState(step=state.step, params=state.params, opt_state=self.opt_state)
+                if self.opt_state is None:  # the first round (or the first after a restart): a fresh inner optimizer
+                    self.opt_state = self.run.init_from_params(params).opt_state
                 # The inner schedule follows the run's progress (steps of all workers), not this worker's own count.
-                state = TrainState(step=jax.device_put(jnp.int32(schedule_step), self.run.shardings.step), params=state.params, opt_state=state.opt_state)
+                step = jax.device_put(jnp.int32(schedule_step), self.run.shardings.step)
+                state = TrainState(step=step, params=params, opt_state=self.opt_state)
                 for index in indices:
                     (state, metrics), seconds = self._timed(self.run.train_step, state, self._batch(index))
                     losses.append(float(metrics["loss"]))
@@ -98,14 +110,15 @@ class Worker:
                 self.opt_state = state.opt_state
                 update = {n: pulled[n] - v for n, v in to_flat(jax.device_get(state.params)).items()}
         payload, self.push_state = self.codec.encode(update, self.push_state)
-        bases = ray.get([s.push.remote(self.index, clock, {n: payload[n] for n in g}) for s, g in zip(self.shards, self.groups)])
+        applied = ray.get([s.push.remote(self.index, clock, {n: payload[n] for n in g}) for s, g in zip(self.shards, self.groups)])
         return {
             "worker": self.index,
             "clock": clock,
             "steps": len(indices),
             "loss": float(np.mean(losses)),
             "version_pulled": version,
-            "staleness": bases[0] - version,  # server updates applied between this round's pull and its push
+            "staleness": applied[0][0] - version,  # server updates applied between this round's pull and its push
+            "version": applied[0][1],  # the server's version after the push
             "bytes_pushed": self.codec.nbytes(payload),
             "bytes_pulled": bytes_pulled,
             "speed": len(indices) / busy,  # steps/s of compute (slowdown included), what DyLU scales H by
