@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import jax
@@ -49,12 +50,16 @@ def ray_cluster(cfg: Config, address: str | None = None) -> Iterator[None]:
         yield
         return
     temp_dir = None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # A private temp dir: other Ray users on the machine keep theirs (the default is the shared /tmp/ray).
-        temp_dir = tempfile.mkdtemp(prefix="jaxbig-ray-")
-        ray.init(num_cpus=cfg.ps.workers + cfg.ps.num_server_shards, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    with warnings.catch_warnings():
+        # Ray starts its processes with fork + exec (subprocess), which runs no Python in the child; JAX's
+        # at-fork hook warns about any fork once JAX is up.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # A private temp dir: other Ray users on the machine keep theirs (the default is the shared /tmp/ray).
+            temp_dir = tempfile.mkdtemp(prefix="jaxbig-ray-")
+            ray.init(num_cpus=cfg.ps.workers + cfg.ps.num_server_shards, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     try:
         yield
     finally:

@@ -28,8 +28,10 @@ a checkpoint is a consistent state. Re-running the same command resumes from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,26 @@ from jaxbig.train.step import mean_loss
 from jaxbig.xla_options import enable_compilation_cache
 
 WORKERS_FILE = "ps_workers.json"  # worker index -> the pid of its process (an operator's, or a test's, way to find it)
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the run stands: what a checkpoint holds besides the server's params and optimizer state."""
+
+    version: int  # server updates applied
+    positions: list[int]  # per worker: batches handed out (its next batch is batch_index(position, w, workers))
+    clocks: list[int]  # per worker: rounds finished
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sinks:
+    """Where the driver's results go."""
+
+    evaluate: Callable[[dict], float]  # named params -> validation loss
+    checkpoints: Checkpoints
+    writer: metrics_lib.MetricsWriter
+    say: Callable[[str], None]
+    progress: bool
 
 
 def _abstract_server_state(cfg: Config, run, groups: list[list[str]]) -> dict[str, Any]:
@@ -158,7 +180,7 @@ def train_ps(
         summary["initial_eval_loss"] = evaluate(params)
         writer.write(start, {"eval_loss": summary["initial_eval_loss"], "version": version, "wall_s": 0.0}, jsonl=False)
 
-    with ray_cluster(cfg, ray_address):
+    with run.context(), ray_cluster(cfg, ray_address):  # the driver's evaluations trace under the run's mesh and rules
         shards = start_servers(cfg, [{n: params[n] for n in g} for g in groups], opt_states, version)
         workers = start_workers(cfg, shards, groups)
         pids = ray.get([w.pid.remote() for w in workers])  # waits until every worker has built its step
@@ -173,7 +195,9 @@ def train_ps(
         )
         say(f"step {start:>6d} | eval_loss {summary['initial_eval_loss']:.4f}")
         summary["rounds_start_s"] = time.perf_counter() - t_start  # actors up and compiled: the first round starts
-        summary.update(_schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress, start, end, stop_after, version, positions, clocks, pids, t_start))
+        sinks = _Sinks(evaluate, checkpoints, writer, say, progress)
+        at = _Position(version, positions, clocks)
+        summary.update(_schedule(cfg, workers, shards, pids, sinks, at, start=start, stop_after=stop_after, t_start=t_start))
     checkpoints.close()
     writer.close()
     summary["wall_s"] = time.perf_counter() - t_start
@@ -186,9 +210,11 @@ def train_ps(
     return summary
 
 
-def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress, start, end, stop_after, version, positions, clocks, pids, t_start) -> dict:
-    """The round scheduler: SSP admission, DyLU, failures, and the log/eval/checkpoint cadences."""
-    ps, W, tc = cfg.ps, cfg.ps.workers, cfg.train
+def _schedule(cfg: Config, workers: list, shards: list, pids: list[int], sinks: _Sinks, at: _Position, *, start: int, stop_after: int | None, t_start: float) -> dict:
+    """The round scheduler: SSP admission, DyLU, failures, and the log/eval/checkpoint cadences; updates `at`."""
+    ps, W, tc, end = cfg.ps, cfg.ps.workers, cfg.train, cfg.train.steps
+    evaluate, checkpoints, writer, say, progress = sinks.evaluate, sinks.checkpoints, sinks.writer, sinks.say, sinks.progress
+    positions, clocks = at.positions, at.clocks
     local = ps.algorithm == "async_local_sgd"
     in_flight: dict[Any, tuple] = {}  # ObjectRef -> (worker, clock, schedule step, indices, clock gap)
     speeds: list[float | None] = [None] * W
@@ -257,13 +283,13 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
             say(f"worker {w} is back (pid {pids[w]}) and rejoined from the server's params")
         clocks[w] += 1
         speeds[w] = record["speed"]
-        version = max(version, record["version"])
+        at.version = max(at.version, record["version"])
         staleness_all.append(record["staleness"])
         log.add(record)
         before, done = done, done + record["steps"]
         bar.update(record["steps"])
         slow = min(range(W), key=lambda i: speeds[i] if speeds[i] is not None else float("inf"))
-        bar.set_postfix(version=version, slowest=f"w{slow} {speeds[slow] or 0:.2f} step/s", loss=f"{record['loss']:.3f}", refresh=False)
+        bar.set_postfix(version=at.version, slowest=f"w{slow} {speeds[slow] or 0:.2f} step/s", loss=f"{record['loss']:.3f}", refresh=False)
         last = done >= end
         stop = stop_after is not None and done >= stop_after
         if _crossed(before, done, tc.checkpoint_every) or last or stop:
@@ -275,13 +301,13 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
         if saving and not in_flight:  # every round handed out is in: the server state is consistent
             params = pull_params()
             states = ray.get([s.state.remote() for s in shards])
-            version = states[0][2]
+            at.version = states[0][2]
             extras["eval_loss"] = last_eval = evaluate(params)
             evals.append((done, extras["wall_s"], last_eval))
             tree = {
                 "params": nest(params),
                 "opt_state": tuple(s[1] for s in states),
-                "version": np.int32(version),
+                "version": np.int32(at.version),
                 "positions": np.asarray(positions, np.int32),
                 "clocks": np.asarray(clocks, np.int32),
             }
@@ -291,12 +317,12 @@ def _schedule(cfg, workers, shards, evaluate, checkpoints, writer, say, progress
                 say(f"stopping at step {done} (stop_after={stop_after}); re-run to resume")
                 end = done  # no more rounds
         if _crossed(before, done, tc.log_every) or "eval_loss" in extras or done >= end:
-            rec = log.flush(done, version, speeds, extras)
-            say(metrics_lib.format_record(done, rec) + f" | version {version} | staleness {rec.get('staleness_mean', 0):.2f}/{rec.get('staleness_max', 0)}")
+            rec = log.flush(done, at.version, speeds, extras)
+            say(metrics_lib.format_record(done, rec) + f" | version {at.version} | staleness {rec.get('staleness_mean', 0):.2f}/{rec.get('staleness_max', 0)}")
     bar.close()
     return {
         "steps": done,
-        "version": version,
+        "version": at.version,
         "final_eval_loss": last_eval,
         "staleness_mean": float(np.mean(staleness_all)) if staleness_all else 0.0,
         "staleness_max": int(max(staleness_all)) if staleness_all else 0,
