@@ -36,8 +36,10 @@ def cluster():
 
 
 def _cfg(text_dir, run_dir, *sets):
+    """TINY as a parameter-server run; `sets` override its entries."""
     base = [*TINY, f"data.paths={text_dir}", f"train.run_dir={run_dir}", "mesh.data=1", "optim.outer=async_ps", "train.eval_every=1000"]
-    return load_config(None, [*base, *sets])
+    keys = {s.split("=", 1)[0] for s in sets}
+    return load_config(None, [*(b for b in base if b.split("=", 1)[0] not in keys), *sets])
 
 
 def _records(run_dir) -> list[dict]:
@@ -97,6 +99,68 @@ def test_push_codec_error_feedback_sends_everything_eventually(method):
         np.testing.assert_allclose(got[n] + np.asarray(state.residual[n]), pushed[n], atol=1e-5)
 
 
+def _server_pushes(cfg, shapes, steps: int = 3, workers: int = 1):
+    """`steps` rounds of int8-coded random gradients from `workers` workers, as the worker would send them."""
+    from jaxbig.ps.setup import push_codec
+
+    codec, rng = push_codec(cfg), np.random.default_rng(2)
+    states = [codec.init() for _ in range(workers)]
+    rounds = []
+    for _ in range(steps):
+        pushes = []
+        for w in range(workers):
+            payload, states[w] = codec.encode({n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}, states[w])
+            pushes.append(payload)
+        rounds.append(pushes)
+    return rounds, codec
+
+
+def test_server_shards_and_synchronous_rounds_change_no_number(text_dir, tmp_path):
+    """The server's logic in-process (ServerShard is a plain class Ray wraps): params split over 3 shards end where
+    1 shard ends; a synchronous round of 2 pushes applies their mean once; a retried push is applied once.
+
+    The shards run the same elementwise AdamW as separately compiled programs: a few float32 roundings of params
+    ~0.1 per step, so 1e-6 absolute, against updates of ~1e-3 (lr 3e-3 after warm-up).
+    """
+    from jaxbig.ps.groups import shard_groups
+    from jaxbig.ps.server import ServerShard
+    from jaxbig.ps.setup import param_shapes
+
+    cfg = _cfg(text_dir, tmp_path, "optim.compression=int8", "optim.warmup_steps=0", "ps.workers=1")
+    shapes = param_shapes(cfg)
+    params = {n: (0.1 * np.random.default_rng(1).normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+    rounds, codec = _server_pushes(cfg, shapes)
+    whole = ServerShard(cfg, params)
+    groups = shard_groups(shapes, 3)
+    shards = [ServerShard(cfg, {n: params[n] for n in g}) for g in groups]
+    for clock, (payload,) in enumerate(rounds):
+        assert whole.push(0, clock, payload) == (clock, clock + 1)
+        for shard, g in zip(shards, groups):
+            shard.push(0, clock, {n: payload[n] for n in g})
+    assert whole.push(0, 2, rounds[2][0]) == (2, 3)  # the same round again (a retry): not applied twice
+    version, ref = whole.pull()
+    split = {n: v for shard in shards for n, v in shard.pull()[1].items()}
+    assert version == 3 and sorted(split) == sorted(ref)
+    for n in ref:
+        np.testing.assert_allclose(split[n], ref[n], rtol=0, atol=1e-6)
+    assert max(np.abs(ref[n] - params[n]).max() for n in ref) > 1e-3  # they did move
+
+    # SGD here: AdamW's first update would not tell a mean from a sum (it is invariant to the gradient's scale).
+    sgd = ("optim.optimizer=sgd", "optim.weight_decay=0", "optim.warmup_steps=0")
+    sync = _cfg(text_dir, tmp_path, *sgd, "optim.compression=int8", "ps.workers=2", "ps.max_staleness=0", "train.steps=300")
+    pairs, _ = _server_pushes(sync, shapes, steps=1, workers=2)
+    exact = _cfg(text_dir, tmp_path, *sgd, "ps.workers=1", "train.steps=150")  # the same schedule: 300 / 2 updates
+    rounds_server, mean_server = ServerShard(sync, params), ServerShard(exact, params)
+    assert rounds_server.push(0, 0, pairs[0][0]) == (0, 0)  # half a round: nothing applied yet
+    assert rounds_server.push(1, 0, pairs[0][1]) == (0, 1)
+    decoded = [codec.decode(p) for p in pairs[0]]
+    mean = {n: (np.asarray(decoded[0][n]) + np.asarray(decoded[1][n])) / 2 for n in shapes}
+    mean_server.push(0, 0, {n: (v,) for n, v in mean.items()})  # pushes without compression are the float32 arrays
+    got, want = rounds_server.pull()[1], mean_server.pull()[1]
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=1e-6)
+
+
 def test_bad_input_fails_in_one_line_before_anything_starts(text_dir, tmp_path):
     from jaxbig.ps.cluster import check_address
     from jaxbig.ps.driver import train_ps
@@ -134,8 +198,8 @@ def test_bad_input_fails_in_one_line_before_anything_starts(text_dir, tmp_path):
 
 
 def test_one_worker_without_staleness_matches_the_synchronous_run(cluster, text_dir, tmp_path):
-    """ps.workers=1 (a 2-device tensor-parallel worker), ps.max_staleness=0: per-step losses equal jaxbig's
-    synchronous loop's on the same 2-device mesh within 1e-5.
+    """ps.workers=1 (a 2-device tensor-parallel worker), ps.max_staleness=0, the params split over 2 server shards:
+    per-step losses equal jaxbig's synchronous loop's on the same 2-device mesh within 1e-5.
 
     Same seed, same batches, same optimizer; the worker's gradient program and the server's update program are
     compiled apart from the fused train step, so XLA may associate float32 sums differently. With SGD an update
@@ -150,7 +214,7 @@ def test_one_worker_without_staleness_matches_the_synchronous_run(cluster, text_
     sets = ["optim.optimizer=sgd", "optim.learning_rate=0.5", "optim.weight_decay=0", "train.log_every=1", "train.steps=6", "mesh.tensor=2"]
     sync = load_config(None, [*TINY, f"data.paths={text_dir}", f"train.run_dir={tmp_path / 'sync'}", "mesh.data=1", "train.eval_every=1000", *sets])
     train(sync, progress=False)
-    ps = _cfg(text_dir, tmp_path / "ps", *sets, "ps.workers=1", "ps.max_staleness=0", "ps.devices_per_worker=2")
+    ps = _cfg(text_dir, tmp_path / "ps", *sets, "ps.workers=1", "ps.max_staleness=0", "ps.devices_per_worker=2", "ps.num_server_shards=2")
     summary = train_ps(ps, progress=False)
     sync_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "sync") if "loss" in r}
     ps_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "ps") if "loss" in r}
@@ -162,7 +226,7 @@ def test_one_worker_without_staleness_matches_the_synchronous_run(cluster, text_
 
 
 def test_async_local_sgd_survives_a_killed_worker_and_a_stopped_driver(cluster, text_dir, tmp_path):
-    """Async local SGD, 2 workers (one 2x slower), staleness bound 1, 2 server shards, int8 pushes.
+    """Async local SGD, 2 workers (one 2x slower), staleness bound 1, int8 pushes.
 
     The first driver run has worker 0 killed with SIGKILL mid-run and stops after the checkpoint at step 12
     (as if the driver were killed there); the same call again resumes from it and finishes.
@@ -172,7 +236,7 @@ def test_async_local_sgd_survives_a_killed_worker_and_a_stopped_driver(cluster, 
     run_dir = tmp_path / "run"
     cfg = _cfg(
         text_dir, run_dir, "ps.algorithm=async_local_sgd", "ps.workers=2", "ps.local_steps=4", "ps.worker_slowdown=1,2",
-        "ps.max_staleness=1", "ps.num_server_shards=2", "optim.compression=int8", "optim.outer_learning_rate=0.7",
+        "ps.max_staleness=1", "optim.compression=int8", "optim.outer_learning_rate=0.7",
         "optim.outer_momentum=0.5", "train.steps=24", "train.checkpoint_every=12", "train.log_every=2",
     )  # fmt: skip
     killed = []
