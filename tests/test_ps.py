@@ -6,6 +6,7 @@ worker actors in processes of their own, each worker with its own emulated CPU d
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -33,6 +34,7 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _cfg(text_dir, run_dir, *sets):
