@@ -201,6 +201,14 @@ def train(
         writer.close()
 
     step_s = tokens_per_step / float(np.median(clock.rates)) if clock.rates else None
+    median_mfu = metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None
+    if median_mfu is not None and median_mfu > 1 and jax.devices()[0].platform == "cpu":
+        # The step beat the cached matmul peak: that peak was measured while other work shared the cores. Measure
+        # again now (the cache keeps the best figure) so MFU is against what this machine can do.
+        peak = metrics_lib.machine_peak_flops(cfg.model.compute_dtype(), compiler_options=run.compiler_options, refresh=True)
+        median_mfu = metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak)
+        if is_main and median_mfu > 1:
+            say(f"warning: MFU {median_mfu:.2f} > 1: the matmul peak ({peak / 1e9:.0f} GFLOP/s) was measured while other work shared the cores; rerun on a quiet machine for a true MFU")
     summary.update(
         data_wait_s=sum(batches.waits[1:]),  # the first batch (pipeline start-up) falls before throughput is timed
         data_wait_fraction=sum(batches.waits[1:]) / clock.busy_s if clock.busy_s else None,
@@ -213,7 +221,7 @@ def train(
         compile_s=summary["first_call_s"] - step_s if step_s and "first_call_s" in summary else None,
         compilation_cache=dict(cache_stats, dir=str(cache_dir)) if cache_dir else None,
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
-        mfu=metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None,
+        mfu=median_mfu,
         peak_flops=peak,  # per compute dtype: measured on CPU, published for known GPUs/TPUs, None (no MFU) otherwise
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
