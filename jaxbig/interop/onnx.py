@@ -1,0 +1,218 @@
+"""ONNX export: jaxbig's own forward, converted by jax2onnx, checked by onnx, quantized by ONNX Runtime's tools.
+
+Two graphs per export (docs/serving.md "ONNX"):
+  model.onnx        serving_default: tokens [B, T] int32 -> logits [B, T, V] float32
+  decode_step.onnx  one KV-cache step, the form ONNX Runtime GenAI runs (its Generator loops outside the graph):
+                    input_ids [B, T] int32, position [] int32 (how many tokens the cache already holds),
+                    past_key_values.{i}.key/.value [B, S, N, K] float32 (S = model.max_seq_len)
+                    -> logits [B, T, V], present.{i}.key/.value [B, S, N, K] (the same buffers, the T new rows written)
+B and T are symbolic (dim_params "B", "T"). jaxbig.serve.onnx_runtime runs the loop (greedy = argmax).
+
+What is jaxbig's and what is a library's:
+  * the math is the model's own (`Llama.__call__`, `Block.__call__`), traced by jax2onnx; nothing is re-written in ONNX;
+  * three hooks shape the traced program so ONNX Runtime's quantizers can find the weights: layers run in a Python
+    loop over host arrays (jax2onnx turns `lax.scan` into a `Loop` whose body slices the stacked weights: no quantizer
+    looks inside it), every weight matmul is a `MatMul` against a 2-D initializer (`_matmul_dense`: the einsum's
+    weight reshaped on the host; jax2onnx emits `Einsum` for 3-D weights, which both quantizers skip), and positions
+    come from a cumulative sum (jax2onnx 0.17 cannot broadcast `arange` of a symbolic length);
+  * int8 is `onnxruntime.quantization.quantize_dynamic`, int4 `MatMulNBitsQuantizer`: ONNX Runtime's own tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from flax import nnx
+
+from jaxbig.config import ConfigError, ModelConfig
+from jaxbig.models import abstract_model
+from jaxbig.models.llama import use_constrain, use_dense
+
+OPSET = 23  # jax2onnx's default; ONNX Runtime >= 1.24 runs it
+FORWARD_FILE, STEP_FILE = "model.onnx", "decode_step.onnx"
+METHODS = ("none", "int8", "int8-dynamic", "int4")  # what --quantize means for ONNX (fp8: no ONNX Runtime CPU path)
+INT4_GROUPS = (32, 64, 128)
+
+
+def _jax2onnx():
+    """`jax2onnx.to_onnx`, made to run on this JAX.
+
+    jax2onnx 0.17.1 (the newest release) reads `jax._src.core.ClosedJaxpr`, which JAX 0.12 keeps only as
+    `jax.extend.core.ClosedJaxpr` (the same class); we alias it back if it is missing. Its plugin loader
+    logs every optional plugin whose library (equinox, dm_pix) is absent: silenced, they are not used.
+    """
+    import jax._src.core as jax_core
+    import jax.extend.core as jax_extend_core
+
+    if not hasattr(jax_core, "ClosedJaxpr"):
+        jax_core.ClosedJaxpr = jax_extend_core.ClosedJaxpr
+    logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    from jax2onnx import to_onnx
+
+    return to_onnx
+
+
+def _python_layers(body, layers, x_BTD, side):
+    """A layer runner that slices the stacked host params in Python: one copy of the layer per layer, each
+    weight its own initializer (see the module docstring)."""
+    for i in range(jax.tree.leaves(layers)[0].shape[0]):
+        x_BTD = body(jax.tree.map(lambda a: a[i], layers), x_BTD, side)
+    return x_BTD
+
+
+def _matmul_dense(spec: str, x: jax.Array, w: Any, preferred_element_type: Any = None) -> jax.Array:
+    """`einsum(spec, x, w)` as x[..., C] @ w[C, N] with w reshaped on the host: a MatMul on a 2-D initializer.
+
+    Every weight einsum in `jaxbig.models.llama` contracts x's trailing letters and lists x's free letters, then
+    w's free ones, in its output; anything else (or a traced weight) stays an einsum.
+    """
+    ins, out = spec.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    contracted = [c for c in xs if c in ws and c not in out]
+    x_free, w_free = xs[: len(xs) - len(contracted)], [c for c in ws if c not in contracted]
+    if not isinstance(w, np.ndarray) or xs[len(x_free) :] != "".join(contracted) or out != x_free + "".join(w_free):
+        return jnp.einsum(spec, x, jnp.asarray(w, x.dtype), preferred_element_type=preferred_element_type)
+    w = np.asarray(w, np.float32)
+    order = [ws.index(c) for c in contracted] + [ws.index(c) for c in w_free]
+    c_size = int(np.prod([w.shape[ws.index(c)] for c in contracted]))
+    w_CN = np.ascontiguousarray(w.transpose(order).reshape(c_size, -1))
+    x_MC = x.reshape(*x.shape[: len(x_free)], c_size)
+    y = jnp.matmul(x_MC, w_CN)
+    return y.reshape(*x.shape[: len(x_free)], *[w.shape[ws.index(c)] for c in w_free]).astype(preferred_element_type or x.dtype)
+
+
+def _host_model(cfg: ModelConfig, params: dict):
+    """The model with host (numpy) params and no remat (jax.checkpoint would make the weights traced values)."""
+    cfg = dataclasses.replace(cfg, remat="none")
+    graphdef, _ = abstract_model(cfg)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params))
+
+
+def _positions(tokens_BT: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    return start + jnp.cumsum(jnp.ones_like(tokens_BT), axis=1) - 1
+
+
+def _convert(fn: Callable, inputs: list, input_names: list[str], output_names: list[str], name: str) -> onnx.ModelProto:
+    with use_dense(_matmul_dense), use_constrain(lambda x, logical: x):  # no mesh: constraints are no-ops
+        return _jax2onnx()(fn, inputs, input_names=input_names, output_names=output_names, model_name=name, opset=OPSET)
+
+
+def forward_proto(cfg: ModelConfig, params: dict) -> onnx.ModelProto:
+    """serving_default: tokens [B, T] int32 -> logits [B, T, V] float32."""
+    model = _host_model(cfg, params)
+
+    def forward(tokens_BT):
+        return model(tokens_BT, _positions(tokens_BT), run_layers=_python_layers)
+
+    return _convert(forward, [jax.ShapeDtypeStruct(("B", "T"), jnp.int32)], ["tokens"], ["logits"], "jaxbig_forward")
+
+
+def step_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(past input names, present output names), ONNX Runtime GenAI's pattern, key then value per layer."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return past, present
+
+
+def step_proto(cfg: ModelConfig, params: dict) -> onnx.ModelProto:
+    """One decode step over a cache of model.max_seq_len rows (see the module docstring)."""
+    model = _host_model(cfg, params)
+    graphdef, layers = nnx.split(model.blocks)
+    L, S, N, K = cfg.num_layers, cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim
+    head_DV = model.embed_VD[...].T if model.lm_head_DV is None else model.lm_head_DV[...]
+
+    def step(input_ids_BT, position, *past):
+        # Llama.__call__'s cached path, with the layers in a Python loop (it scans them): embed, blocks, norm, head.
+        positions_BT = _positions(input_ids_BT, position)
+        x_BTD = jnp.take(model.embed_VD[...], input_ids_BT, axis=0).astype(jnp.float32)
+        present = []
+        for i in range(L):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], layers))
+            x_BTD, cache = block(x_BTD, positions_BT, {"k": past[2 * i], "v": past[2 * i + 1]})
+            present += [cache["k"], cache["v"]]
+        logits_BTV = _matmul_dense("BTD,DV->BTV", model.final_norm(x_BTD), head_DV, preferred_element_type=jnp.float32)
+        return (logits_BTV, *present)
+
+    past_names, present_names = step_names(L)
+    B, T = jax.export.symbolic_shape("B, T", constraints=[f"T <= {S}"])  # the cache update needs T <= S
+    cache = jax.ShapeDtypeStruct((B, S, N, K), jnp.float32)
+    inputs = [jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), *[cache] * (2 * L)]
+    return _convert(step, inputs, ["input_ids", "position", *past_names], ["logits", *present_names], "jaxbig_decode_step")
+
+
+def check(path: Path) -> None:
+    """onnx's full check (shape inference included) and an ONNX Runtime session with every optimisation on."""
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_method(method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"--quantize {method!r} has no ONNX export; ONNX takes {', '.join(METHODS)} (fp8: ONNX Runtime has no CPU kernel for it; use --format savedmodel)")
+    if method == "int4" and group_size not in INT4_GROUPS:
+        raise ConfigError(f"--group_size {group_size} is not supported; use one of {', '.join(map(str, INT4_GROUPS))}")
+
+
+def quantize(src: Path, dst: Path, method: str, group_size: int = 64) -> dict:
+    """ONNX Runtime's quantizers on a float graph; returns what was done, for the manifest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if method in ("int8", "int8-dynamic"):
+        # Weights int8 per output channel; activations quantized per tensor at run time (MatMulInteger /
+        # DynamicQuantizeMatMul): the mode ONNX Runtime recommends for transformers. The embedding Gather is int8 too.
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=True, weight_type=QuantType.QInt8)
+        return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per output channel", "activations": "dynamic uint8 per tensor"}
+    if method == "int4":
+        model = onnx.load(str(src))
+        quantizer = MatMulNBitsQuantizer(model, block_size=group_size, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), False)
+        return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "weights": f"int4 symmetric, groups of {group_size} along the contracted axis", "ops": ["MatMulNBits", "GatherBlockQuantized"]}
+    raise ConfigError(f"no ONNX quantization {method!r}")
+
+
+def write(out: Path, cfg: ModelConfig, params: dict, method: str = "none", group_size: int = 64) -> dict:
+    """Writes out/model.onnx and out/decode_step.onnx (quantized by `method`), checks both; returns the manifest entry."""
+    check_method(method, group_size)
+    out.mkdir(parents=True)
+    files = {}
+    for file, make in ((FORWARD_FILE, forward_proto), (STEP_FILE, step_proto)):
+        proto = make(cfg, params)
+        if method == "none":
+            onnx.save(proto, str(out / file))
+        else:
+            onnx.save(proto, str(out / f"float-{file}"))
+            files["quantization"] = quantize(out / f"float-{file}", out / file, method, group_size)
+            (out / f"float-{file}").unlink()
+        check(out / file)
+    model = onnx.load(str(out / FORWARD_FILE), load_external_data=False)
+    return {
+        "files": {"serving_default": f"onnx/{FORWARD_FILE}", "decode_step": f"onnx/{STEP_FILE}"},
+        "opset": {d.domain or "ai.onnx": d.version for d in model.opset_import},
+        "ir_version": model.ir_version,
+        "quantization": {"method": method, **({"group_size": group_size} if method == "int4" else {}), **files.get("quantization", {})},
+        "converter": _converter_versions(),
+    }
+
+
+def _converter_versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("jax2onnx", "onnx", "onnxruntime")}
+
+
+__all__ = ["FORWARD_FILE", "METHODS", "OPSET", "STEP_FILE", "check", "forward_proto", "quantize", "step_names", "step_proto", "write"]
