@@ -15,7 +15,8 @@ What is jaxbig's and what is a library's:
     looks inside it), every weight matmul is a `MatMul` against a 2-D initializer (`_matmul_dense`: the einsum's
     weight reshaped on the host; jax2onnx emits `Einsum` for 3-D weights, which both quantizers skip), and positions
     come from a cumulative sum (jax2onnx 0.17 cannot broadcast `arange` of a symbolic length);
-  * int8 is `onnxruntime.quantization.quantize_dynamic`, int4 `MatMulNBitsQuantizer`: ONNX Runtime's own tools.
+  * quantization is ONNX Runtime's own tools (`quantize`): MatMulNBitsQuantizer (int8/int4 weight-only, MatMulNBits),
+    quantize_dynamic (the int8 embedding; int8-dynamic's W8A8).
 """
 
 from __future__ import annotations
@@ -166,22 +167,41 @@ def check_method(method: str, group_size: int) -> None:
         raise ConfigError(f"--group_size {group_size} is not supported; use one of {', '.join(map(str, INT4_GROUPS))}")
 
 
-def quantize(src: Path, dst: Path, method: str, group_size: int = 64) -> dict:
-    """ONNX Runtime's quantizers on a float graph; returns what was done, for the manifest."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _nbits(src: Path, dst: Path, bits: int, group_size: int, op_types: tuple[str, ...]) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    if method in ("int8", "int8-dynamic"):
-        # Weights int8 per output channel; activations quantized per tensor at run time (MatMulInteger /
-        # DynamicQuantizeMatMul): the mode ONNX Runtime recommends for transformers. The embedding Gather is int8 too.
+    config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=True, op_types_to_quantize=op_types, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), False)
+
+
+def quantize(src: Path, dst: Path, method: str, group_size: int = 64) -> dict:
+    """ONNX Runtime's quantizers on a float graph; returns what was done, for the manifest.
+
+    int8 and int4 are weight-only (as the SavedModel's int8): MatMulNBits dequantizes groups of `group_size`
+    weights along the contracted axis inside its kernel and multiplies in float32, so a row's answer does not
+    depend on the other rows of its batch. int8-dynamic is quantize_dynamic's W8A8: it quantizes activations
+    per *tensor* at run time, so under batching a row's logits move with its batch-mates (the SavedModel's
+    int8-dynamic scales per row).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    symmetric = f"symmetric, one float32 scale per {group_size} weights along the contracted axis (round to nearest)"
+    if method == "int8":
+        # MatMulNBits has no 8-bit Gather (GatherBlockQuantized is 4-bit only): the embedding goes through
+        # quantize_dynamic's weight-only Gather path (int8 + DequantizeLinear), the matmuls through MatMulNBits bits=8.
+        mid = dst.with_name(f"gather-{dst.name}")
+        quantize_dynamic(src, mid, op_types_to_quantize=["Gather"], per_channel=True, weight_type=QuantType.QInt8)
+        _nbits(mid, dst, 8, group_size, ("MatMul",))
+        mid.unlink()
+        return {"tools": ["quantize_dynamic (Gather)", "MatMulNBitsQuantizer (MatMul)"], "weights": f"int8 {symmetric}; embedding int8 per row", "activations": "float32"}
+    if method == "int8-dynamic":
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=True, weight_type=QuantType.QInt8)
-        return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per output channel", "activations": "dynamic uint8 per tensor"}
+        return {"tools": ["quantize_dynamic"], "weights": "int8 per output channel", "activations": "uint8, one scale per tensor computed at run time"}
     if method == "int4":
-        model = onnx.load(str(src))
-        quantizer = MatMulNBitsQuantizer(model, block_size=group_size, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), False)
-        return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "weights": f"int4 symmetric, groups of {group_size} along the contracted axis", "ops": ["MatMulNBits", "GatherBlockQuantized"]}
+        _nbits(src, dst, 4, group_size, ("MatMul", "Gather"))
+        return {"tools": ["MatMulNBitsQuantizer"], "weights": f"int4 {symmetric}; embedding by GatherBlockQuantized", "activations": "float32"}
     raise ConfigError(f"no ONNX quantization {method!r}")
 
 
@@ -204,7 +224,7 @@ def write(out: Path, cfg: ModelConfig, params: dict, method: str = "none", group
         "files": {"serving_default": f"onnx/{FORWARD_FILE}", "decode_step": f"onnx/{STEP_FILE}"},
         "opset": {d.domain or "ai.onnx": d.version for d in model.opset_import},
         "ir_version": model.ir_version,
-        "quantization": {"method": method, **({"group_size": group_size} if method == "int4" else {}), **files.get("quantization", {})},
+        "quantization": {"method": method, **({"group_size": group_size} if method in ("int8", "int4") else {}), **files.get("quantization", {})},
         "converter": _converter_versions(),
     }
 
