@@ -104,7 +104,7 @@ def export_run(
         try:
             check_method(quantize)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(str(e) + ("; ONNX stores int4 packed (MatMulNBits): --format onnx" if quantize == "int4" else "")) from None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(f"--version {version!r} must be a positive integer (TF Serving serves numbered version directories)")
     out = Path(out)
