@@ -1,6 +1,8 @@
 """Quantization report: export a run as none/int8/fp8/int8-dynamic, measure size and validation perplexity.
 
-`python scripts/export_eval.py --run_dir runs/tiny` writes the `export:quant` section of docs/benchmarks.md.
+`python scripts/export_eval.py --run_dir runs/tiny` writes the `export:quant` section of docs/benchmarks.md;
+`--format onnx` measures the ONNX exports on ONNX Runtime instead (float32, int8, int8-dynamic, int4 at group
+sizes 32/64/128) and writes the `export:onnx` section.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from jaxbig.cli import fail  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
 
 START, END = "<!-- export:quant:start -->", "<!-- export:quant:end -->"
+ONNX_START, ONNX_END = "<!-- export:onnx:start -->", "<!-- export:onnx:end -->"
+ONNX_INTRO = """## Export: ONNX on ONNX Runtime, float32 / int8 / int4
+
+`python scripts/export_eval.py --run_dir runs/tiny --format onnx`: each quantization exported with
+`scripts/export.py --format onnx` (ONNX Runtime's quantizers; jaxbig/interop/onnx.py) and its
+`serving_default` graph run by ONNX Runtime (all graph optimisations on) over the run's validation split.
+Size = onnx/model.onnx (graph included: on a model this small the graph itself is ~10% of the float32 file).
+Targets (issue 23): int8 <= 0.3x float32 and perplexity within 1%; int4 at group 64 <= 0.17x.
+"""
+ONNX_METHODS = (("none", 64), ("int8", 64), ("int8-dynamic", 64), ("int4", 32), ("int4", 64), ("int4", 128))
 INTRO = """## Export: int8 / fp8 weight-only and int8-dynamic (W8A8) quantization
 
 Target: the int8 SavedModel at most 0.3x the float32 one on disk, validation perplexity within 1%.
@@ -35,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--batches", type=int, default=32, help="validation batches of --batch_size windows")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--format", default="savedmodel", choices=("savedmodel", "onnx"), help="what to measure")
     parser.add_argument("--doc", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
     try:
@@ -44,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxbig.export.evaluate import perplexity, saved_model_bytes, validation_windows
 
         windows = validation_windows(args.run_dir, args.batches, args.batch_size)
+        if args.format == "onnx":
+            return _onnx(args, windows)
         rows = {}
         with tempfile.TemporaryDirectory() as tmp:
             for version, method in enumerate(("none", "int8", "fp8", "int8-dynamic"), start=1):
@@ -64,15 +79,47 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for method, (size, ppl) in rows.items():
         lines.append(f"| {method} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% |")
-    section = f"{START}\n" + "\n".join(lines) + f"\n{END}"
-    doc = Path(args.doc)
+    _write_section(Path(args.doc), START, END, INTRO, lines)
+    return 0
+
+
+def _write_section(doc: Path, start: str, end: str, intro: str, lines: list[str]) -> None:
+    section = f"{start}\n" + "\n".join(lines) + f"\n{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if START in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, count=1, flags=re.S)
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, text, count=1, flags=re.S)
     else:
-        text = text.rstrip("\n") + "\n\n" + INTRO + "\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + intro + "\n" + section + "\n"
     doc.write_text(text)
     print(f"wrote {doc}")
+
+
+def _onnx(args, windows) -> int:
+    import jax
+
+    from jaxbig.export.bundle import export_run
+    from jaxbig.export.evaluate import onnx_bytes, onnx_perplexity
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for version, (method, group) in enumerate(ONNX_METHODS, start=1):
+            path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method, format="onnx", group_size=group)
+            label = f"{method} (group {group})" if method in ("int8", "int4") else method
+            rows[label] = (onnx_bytes(path), onnx_perplexity(path, windows))
+            print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
+    (size0, ppl0), (_, ppl8) = rows["none"], rows["int8 (group 64)"]
+    n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
+    lines = [
+        f"Command: `python scripts/export_eval.py --run_dir {args.run_dir} --format onnx`  ",
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; run {args.run_dir}; "
+        f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)",
+        "",
+        "| quantization | model.onnx bytes | x float32 | val perplexity | vs float32 | vs int8 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, (size, ppl) in rows.items():
+        lines.append(f"| {label} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / ppl8 - 1):+.2f}% |")
+    _write_section(Path(args.doc), ONNX_START, ONNX_END, ONNX_INTRO, lines)
     return 0
 
 

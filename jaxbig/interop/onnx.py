@@ -22,16 +22,22 @@ What is jaxbig's and what is a library's:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax._src.core as jax_core
+import jax.extend.core as jax_extend_core
 import jax.numpy as jnp
 import numpy as np
 import onnx
+import onnxruntime as ort
 from flax import nnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
 from jaxbig.config import ConfigError, ModelConfig
 from jaxbig.models import abstract_model
@@ -50,14 +56,11 @@ def _jax2onnx():
     `jax.extend.core.ClosedJaxpr` (the same class); we alias it back if it is missing. Its plugin loader
     logs every optional plugin whose library (equinox, dm_pix) is absent: silenced, they are not used.
     """
-    import jax._src.core as jax_core
-    import jax.extend.core as jax_extend_core
-
     if not hasattr(jax_core, "ClosedJaxpr"):
         jax_core.ClosedJaxpr = jax_extend_core.ClosedJaxpr
     logging.getLogger("jax2onnx").setLevel(logging.ERROR)
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    from jax2onnx import to_onnx
+    from jax2onnx import to_onnx  # after the alias: jax2onnx reads it while importing its plugins
 
     return to_onnx
 
@@ -152,8 +155,6 @@ def step_proto(cfg: ModelConfig, params: dict) -> onnx.ModelProto:
 
 def check(path: Path) -> None:
     """onnx's full check (shape inference included) and an ONNX Runtime session with every optimisation on."""
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(path), full_check=True)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -168,8 +169,6 @@ def check_method(method: str, group_size: int) -> None:
 
 
 def _nbits(src: Path, dst: Path, bits: int, group_size: int, op_types: tuple[str, ...]) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=True, op_types_to_quantize=op_types, bits=bits)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quantizer.process()
@@ -185,8 +184,6 @@ def quantize(src: Path, dst: Path, method: str, group_size: int = 64) -> dict:
     per *tensor* at run time, so under batching a row's logits move with its batch-mates (the SavedModel's
     int8-dynamic scales per row).
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     symmetric = f"symmetric, one float32 scale per {group_size} weights along the contracted axis (round to nearest)"
     if method == "int8":
         # MatMulNBits has no 8-bit Gather (GatherBlockQuantized is 4-bit only): the embedding goes through
@@ -230,9 +227,7 @@ def write(out: Path, cfg: ModelConfig, params: dict, method: str = "none", group
 
 
 def _converter_versions() -> dict:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("jax2onnx", "onnx", "onnxruntime")}
+    return {p: importlib.metadata.version(p) for p in ("jax2onnx", "onnx", "onnxruntime")}
 
 
 __all__ = ["FORWARD_FILE", "METHODS", "OPSET", "STEP_FILE", "check", "forward_proto", "quantize", "step_names", "step_proto", "write"]
