@@ -1,7 +1,8 @@
 """ONNX export: the graphs pass onnx's full check, run on ONNX Runtime alone, and compute jaxbig's forward and greedy decoding.
 
-One tiny run is trained and exported with `--format onnx` as float32 (version 1) and int8 (version 2,
-weight-only by ONNX Runtime's quantizers). ONNX Runtime runs in a subprocess where jax, jaxlib and flax cannot be
+One tiny run is trained and exported as float32 (version 1, `--format all`), int8 (version 2, `--format onnx`,
+weight-only by ONNX Runtime's quantizers) and int4 at group 64 (version 3, `--format all`: MatMulNBits in ONNX,
+packed uint8 in the SavedModel). ONNX Runtime runs in a subprocess where jax, jaxlib and flax cannot be
 imported (jaxbig.serve.onnx_runtime needs numpy and onnxruntime only), the way an ONNX Runtime deployment
 sees the files.
 """
@@ -44,9 +45,10 @@ def exported(tmp_path_factory, text_dir):
     run_dir = root / "run"
     train(load_config(None, SMALL + [f"train.run_dir={run_dir}", f"data.paths={text_dir}"]), progress=False)
     out = root / "exports" / "tiny"
-    f32 = export_run(run_dir, out, 1, quantize="none", format="onnx")
+    f32 = export_run(run_dir, out, 1, quantize="none", format="all")
     int8 = export_run(run_dir, out, 2, quantize="int8", format="onnx")
-    return run_dir, out, f32, int8
+    int4 = export_run(run_dir, out, 3, quantize="int4", format="all", group_size=64)
+    return run_dir, out, f32, int8, int4
 
 
 # The whole ONNX Runtime side: jaxbig.serve.onnx_runtime with numpy and onnxruntime; jax and flax unimportable.
@@ -78,12 +80,12 @@ ORT_ONLY = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ort_results(exported, tmp_path_factory, repo):
-    _, _, f32, int8 = exported
+    _, _, f32, int8, int4 = exported
     work = tmp_path_factory.mktemp("ort")
     np.savez(work / "in.npz", prompt=PROMPT, new=np.int32(NEW), **{f"tokens_{b}x{t}": _tokens(b, t) for b, t in SHAPES})
     (work / "ort_only.py").write_text(ORT_ONLY)
     env = _clean_env() | {"PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, str(work / "ort_only.py"), str(work / "in.npz"), str(work / "out.npz"), str(f32), str(int8)],
+    proc = subprocess.run([sys.executable, str(work / "ort_only.py"), str(work / "in.npz"), str(work / "out.npz"), str(f32), str(int8), str(int4)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(work / "out.npz"))
@@ -92,10 +94,10 @@ def ort_results(exported, tmp_path_factory, repo):
 def test_graphs_pass_the_full_check_and_have_dynamic_batch_and_length(exported):
     import onnx
 
-    _, _, f32, int8 = exported
+    _, _, f32, int8, _ = exported
     for version in (f32, int8):
         manifest = json.loads((version / "manifest.json").read_text())
-        assert manifest["formats"] == ["onnx"] and not (version / "saved_model.pb").exists()
+        assert manifest["formats"] == (["savedmodel", "onnx"] if version == f32 else ["onnx"]) and (version / "saved_model.pb").exists() == (version == f32)
         assert manifest["onnx"]["opset"]["ai.onnx"] == 23 and manifest["tokenizer"]["name"] == "byte"
         for file in ("model.onnx", "decode_step.onnx"):
             onnx.checker.check_model(str(version / "onnx" / file), full_check=True)
@@ -115,7 +117,7 @@ def test_serving_default_matches_jax_float32(exported, ort_results):
     tests/numerics.py's: twice Higham's gamma_n times max|logits| over the forward's longest reduction chain,
     n = forward_chain(model, B, T) (~2,000 here, 1.2e-4 relative; under the issue's 1e-4 absolute for these logits).
     """
-    run_dir, _, f32, _ = exported
+    run_dir, _, f32, _, _ = exported
     assert str(ort_results["ort_version"]) >= "1.24"
     cfg, graphdef, params, _ = load_params(run_dir)
     model = nnx.merge(graphdef, params)
@@ -128,7 +130,7 @@ def test_serving_default_matches_jax_float32(exported, ort_results):
 
 def test_generate_equals_jaxbig_greedy_decoding(exported, ort_results):
     """The decode loop around decode_step.onnx picks jaxbig's greedy tokens (ties within rounding either way)."""
-    run_dir, _, f32, _ = exported
+    run_dir, _, f32, _, _ = exported
     cfg, graphdef, params, _ = load_params(run_dir)
     want = np.asarray(jax_generate(graphdef, params, PROMPT, jax.random.key(0), max_new_tokens=NEW, temperature=0.0))
     got = ort_results[f"{f32}|greedy"]
@@ -149,7 +151,7 @@ def test_int8_is_onnx_runtimes_weight_only_quantization_and_stays_close(exported
     positions (measured: under 2%, 98%)."""
     import onnx
 
-    _, _, f32, int8 = exported
+    _, _, f32, int8, _ = exported
 
     def weight_bytes(version):
         graph = onnx.load(str(version / "onnx" / "model.onnx")).graph
@@ -169,9 +171,59 @@ def test_int8_is_onnx_runtimes_weight_only_quantization_and_stays_close(exported
 
 
 def test_onnx_refuses_what_it_cannot_write(exported):
-    run_dir, out, _, _ = exported
+    run_dir, out, _, _, _ = exported
     with pytest.raises(ConfigError, match="--quantize 'fp8' has no ONNX export"):
         export_run(run_dir, out, 9, quantize="fp8", format="onnx")
     with pytest.raises(ConfigError, match="--format 'tflite' is not supported; use one of savedmodel, onnx, all"):
         export_run(run_dir, out, 9, format="tflite")
-    assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2", "3"]
+
+
+def test_int4_codes_are_onnx_runtimes_and_both_runtimes_compute_jaxbigs_int4_forward(exported, ort_results):
+    """int4 at group 64: MatMulNBitsQuantizer's codes and scales are byte for byte jaxbig's own (jaxbig.compress.int4, the
+    same round-to-nearest rule), so the SavedModel (uint8 codes unpacked in the graph) and ONNX Runtime (MatMulNBits,
+    GatherBlockQuantized) compute the same int4 model: their logits equal jaxbig's int4 forward (the jax.export artifact)
+    within the float32 bound of two programs (tests/numerics.py; ONNX Runtime's 4-bit kernels accumulate per block,
+    measured 1.2e-4 of max|logits| on the 300-step tiny run, within the bound's 6.8e-4). Files: <= 0.17x float32."""
+    import onnx
+    import tensorflow as tf
+    from onnx import numpy_helper
+
+    from jaxbig.compress import llama_rules, quantize_params
+    from jaxbig.export.artifact import flatten_params
+    from jaxbig.export.reload import load_exported
+
+    run_dir, _, f32, _, int4 = exported
+    cfg, _, params, _ = load_params(run_dir)
+    graph = onnx.load(str(int4 / "onnx" / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ort_blobs = sorted(inits[n.input[1]].tobytes() + inits[n.input[2]].tobytes() for n in graph.node if n.op_type == "MatMulNBits")
+    ours = quantize_params(flatten_params(params), "int4", llama_rules(), 64)
+    mine = []
+    for path, entry in ours.items():
+        if "packed" not in entry or path == "embed_VD":
+            continue
+        layers = entry["packed"] if path.startswith("blocks/") else entry["packed"][None]
+        scales = entry["scale"] if path.startswith("blocks/") else entry["scale"][None]
+        for packed, scale in zip(layers, scales):  # [N.., C/2] and [N.., C/64]: MatMulNBits' (N, blocks, bytes) and (N, blocks)
+            mine.append(packed.tobytes() + scale.tobytes())
+    assert len(ort_blobs) == 2 * 7 + 1 and ort_blobs == sorted(mine)
+    forward, _, leaves = load_exported(int4)
+    assert {np.dtype(a.dtype).name for a in leaves} == {"uint8", "float32"}
+    sig = tf.saved_model.load(str(int4)).signatures["serving_default"]
+    for b, t in SHAPES:
+        tokens = _tokens(b, t)
+        want = np.asarray(forward.call(leaves, tokens))
+        assert_close(ort_results[f"{int4}|tokens_{b}x{t}"], want, forward_chain(cfg.model, b, t), err_msg=f"ONNX Runtime int4, batch {b}, length {t}")
+        assert_close(sig(tokens=tf.constant(tokens))["logits"].numpy(), want, forward_chain(cfg.model, b, t), err_msg=f"TF int4, batch {b}, length {t}")
+
+    def weight_bytes(version):
+        return sum(len(i.raw_data) for i in onnx.load(str(version / "onnx" / "model.onnx")).graph.initializer if len(i.raw_data) >= 1024)
+
+    def variables(version):
+        return sum(p.stat().st_size for p in (version / "variables").rglob("*") if p.is_file())
+
+    assert weight_bytes(int4) <= 0.17 * weight_bytes(f32), (weight_bytes(int4), weight_bytes(f32))
+    assert variables(int4) <= 0.17 * variables(f32), (variables(int4), variables(f32))
+    manifest = json.loads((int4 / "manifest.json").read_text())
+    assert manifest["quantization"]["group_size"] == 64 and manifest["onnx"]["quantization"]["group_size"] == 64

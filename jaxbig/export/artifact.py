@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax import export
 
-from jaxbig.compress.quantize import DYNAMIC_METHODS, dequantize, dynamic_int8_einsum
+from jaxbig.compress.quantize import DYNAMIC_METHODS, dequantize, dynamic_int8_einsum, llama_rules, rule_for
 from jaxbig.config import ModelConfig
 from jaxbig.models.decode import sample_logits
 from jaxbig.models.llama import init_cache, use_dense
@@ -69,7 +69,8 @@ def _params_from_leaves(names: list[str], arrays) -> dict:
     for name, arr in zip(names, arrays, strict=True):
         path, _, role = name.partition(".")
         entries.setdefault(path, {})[role or "w"] = arr
-    return _unflatten({path: dequantize(e) for path, e in entries.items()})
+    rules = llama_rules()  # the rules the export quantized by: an int4 weight's contracted axes say how to unpack it
+    return _unflatten({path: dequantize(e, getattr(rule_for(path, rules), "reduce_axes", ())) for path, e in entries.items()})
 
 
 def dense_fn(quantize: str):

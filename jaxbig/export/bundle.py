@@ -22,6 +22,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from jaxbig.compress.int4 import GROUPS as INT4_GROUPS
 from jaxbig.compress.prune import sparsity_by_layer
 from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
 from jaxbig.config import ConfigError
@@ -42,6 +43,11 @@ _SCHEMES = {
         "quantizes its activations to int8 per row (absmax over the contracted axes) at run time and runs "
         "int8 x int8 -> int32, rescaled by the activation and weight scales; the embedding lookup, attention "
         "(q.k, probs.v) and norms stay float32"
+    ),
+    "int4": (
+        "weight-only int4, round to nearest, symmetric (scale = the group's largest-magnitude weight / -8), one float32 "
+        "scale per group_size weights along the contracted axes, two codes per uint8 (first in the low nibble, code + 8); "
+        "unpacked inside the function with uint8 & and >>, then (code - 8) * scale before each matmul"
     ),
 }
 
@@ -104,7 +110,9 @@ def export_run(
         try:
             check_method(quantize)
         except ValueError as e:
-            raise ConfigError(str(e) + ("; ONNX stores int4 packed (MatMulNBits): --format onnx" if quantize == "int4" else "")) from None
+            raise ConfigError(str(e)) from None
+        if quantize == "int4" and group_size not in INT4_GROUPS:
+            raise ConfigError(f"--group_size {group_size} is not supported; use one of {', '.join(map(str, INT4_GROUPS))}")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(f"--version {version!r} must be a positive integer (TF Serving serves numbered version directories)")
     out = Path(out)
@@ -115,7 +123,10 @@ def export_run(
 
     flat = flatten_params(params)
     rules = llama_rules()
-    leaves = to_leaves(quantize_params(flat, quantize, rules)) if "savedmodel" in formats else []
+    try:
+        leaves = to_leaves(quantize_params(flat, quantize, rules, group_size)) if "savedmodel" in formats else []
+    except ValueError as e:  # int4 groups that do not fit a weight's contracted size
+        raise ConfigError(str(e)) from None
     if "savedmodel" in formats:
         forward, generate = export_functions(graphdef, cfg.model, leaves, quantize)
 
@@ -157,6 +168,7 @@ def export_run(
                 "params": leaf_manifest(leaves),
                 "quantization": {
                     "method": quantize,
+                    **({"group_size": group_size} if quantize == "int4" else {}),
                     "scheme": _SCHEMES[quantize],
                     "rules": [{"pattern": r.pattern, "reduce_axes": list(r.reduce_axes)} for r in rules] if quantize != "none" else [],
                 },
