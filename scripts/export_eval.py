@@ -31,14 +31,19 @@ ONNX_INTRO = """## Export: ONNX on ONNX Runtime, float32 / int8 / int4
 Size = onnx/model.onnx (graph included: on a model this small the graph itself is ~10% of the float32 file).
 Targets (issue 23): int8 <= 0.3x float32 and perplexity within 1%; int4 at group 64 <= 0.17x.
 """
+SAVEDMODEL_METHODS = (("none", 64), ("int8", 64), ("fp8", 64), ("int8-dynamic", 64), ("int4", 32), ("int4", 64), ("int4", 128))
 ONNX_METHODS = (("none", 64), ("int8", 64), ("int8-dynamic", 64), ("int4", 32), ("int4", 64), ("int4", 128))
-INTRO = """## Export: int8 / fp8 weight-only and int8-dynamic (W8A8) quantization
+INTRO = """## Export: int8 / fp8 / int4 weight-only and int8-dynamic (W8A8) quantization
 
 Target: the int8 SavedModel at most 0.3x the float32 one on disk, validation perplexity within 1%.
 Perplexity is measured on the *exported* function (the reloaded `jax.export` artifact, the same
 StableHLO TF Serving runs; tests/test_export.py checks TF and JAX agree to 1e-5) over the run's
 validation split of the real corpus. Size = the version directory TF Serving loads
-(saved_model.pb + variables/ + assets.extra/), without the jax/ artifacts.
+(saved_model.pb + variables/ + assets.extra/), without the jax/ artifacts. int4 (issue 23's target: 0.17x at
+group 64): the variables shrink to 0.143x float32's (639 KB of 4.47 MB on this run), but saved_model.pb
+(two serialized StableHLO modules, 185 KB) does not shrink with the weights, so on a model this small the
+directory is 0.18x; the ONNX file, whose graph is smaller, is 0.165x (`export:onnx` below). The int4 codes
+are the same in both formats, hence the same perplexity.
 """
 
 
@@ -61,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             return _onnx(args, windows)
         rows = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for version, method in enumerate(("none", "int8", "fp8", "int8-dynamic"), start=1):
-                path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method)
-                rows[method] = (saved_model_bytes(path), perplexity(path, windows))
-                print(f"{method}: {rows[method][0]:,} bytes, perplexity {rows[method][1]:.4f}")
+            for version, (method, group) in enumerate(SAVEDMODEL_METHODS, start=1):
+                path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method, group_size=group)
+                label = f"{method} (group {group})" if method == "int4" else method
+                rows[label] = (saved_model_bytes(path), perplexity(path, windows))
+                print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
     except ConfigError as e:
         return fail(e)
     size0, ppl0 = rows["none"]
@@ -74,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; run {args.run_dir}; "
         f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)",
         "",
-        "| quantization | SavedModel bytes | x float32 | val perplexity | change |",
-        "|---|---:|---:|---:|---:|",
+        "| quantization | SavedModel bytes | x float32 | val perplexity | change | vs int8 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for method, (size, ppl) in rows.items():
-        lines.append(f"| {method} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% |")
+        lines.append(f"| {method} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / rows['int8'][1] - 1):+.2f}% |")
     _write_section(Path(args.doc), START, END, INTRO, lines)
     return 0
 
