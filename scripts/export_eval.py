@@ -73,20 +73,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
     except ConfigError as e:
         return fail(e)
-    size0, ppl0 = rows["none"]
+    _write_section(Path(args.doc), START, END, INTRO, _table(args, windows, rows, "SavedModel bytes", "int8", jax.__version__))
+    return 0
+
+
+def _table(args, windows, rows: dict[str, tuple[int, float]], size_column: str, int8_row: str, jax_version: str) -> list[str]:
+    """The section's lines: command, date, and one row per quantization (size and perplexity vs float32 and int8)."""
+    (size0, ppl0), ppl8 = rows["none"], rows[int8_row][1]
     n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
     lines = [
-        f"Command: `python scripts/export_eval.py --run_dir {args.run_dir}`  ",
-        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; run {args.run_dir}; "
+        f"Command: `python scripts/export_eval.py --run_dir {args.run_dir}{' --format onnx' if args.format == 'onnx' else ''}`  ",
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax_version}; run {args.run_dir}; "
         f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)",
         "",
-        "| quantization | SavedModel bytes | x float32 | val perplexity | change | vs int8 |",
+        f"| quantization | {size_column} | x float32 | val perplexity | vs float32 | vs int8 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for method, (size, ppl) in rows.items():
-        lines.append(f"| {method} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / rows['int8'][1] - 1):+.2f}% |")
-    _write_section(Path(args.doc), START, END, INTRO, lines)
-    return 0
+    for label, (size, ppl) in rows.items():
+        lines.append(f"| {label} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / ppl8 - 1):+.2f}% |")
+    return lines
 
 
 def _write_section(doc: Path, start: str, end: str, intro: str, lines: list[str]) -> None:
@@ -113,19 +118,7 @@ def _onnx(args, windows) -> int:
             label = f"{method} (group {group})" if method in ("int8", "int4") else method
             rows[label] = (onnx_bytes(path), onnx_perplexity(path, windows))
             print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
-    (size0, ppl0), (_, ppl8) = rows["none"], rows["int8 (group 64)"]
-    n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
-    lines = [
-        f"Command: `python scripts/export_eval.py --run_dir {args.run_dir} --format onnx`  ",
-        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax.__version__}; run {args.run_dir}; "
-        f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)",
-        "",
-        "| quantization | model.onnx bytes | x float32 | val perplexity | vs float32 | vs int8 |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, (size, ppl) in rows.items():
-        lines.append(f"| {label} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / ppl8 - 1):+.2f}% |")
-    _write_section(Path(args.doc), ONNX_START, ONNX_END, ONNX_INTRO, lines)
+    _write_section(Path(args.doc), ONNX_START, ONNX_END, ONNX_INTRO, _table(args, windows, rows, "model.onnx bytes", "int8 (group 64)", jax.__version__))
     return 0
 
 
