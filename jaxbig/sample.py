@@ -1,4 +1,4 @@
-"""Text in, text out, from a trained run: tokenize, decode with the KV cache, detokenize."""
+"""Text in, text out, from a trained run: tokenize, decode with the KV cache, detokenize (with the run's tokenizer)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
-from jaxbig.data.tokenizer import ByteTokenizer
+from jaxbig.data.run import run_tokenizer
 from jaxbig.models.decode import generate
 from jaxbig.checkpoint.run import load_params
 
@@ -23,13 +23,17 @@ def sample_text(
     seed: int = 0,
     step: int | None = None,
 ) -> str:
-    """The continuation of `prompt` (without the prompt)."""
+    """The continuation of `prompt` (without the prompt), up to the tokenizer's eos.
+
+    The run's tokenizer (`jaxbig.data.run_tokenizer`) encodes the prompt as transformers would (a Llama-family
+    tokenizer puts its BOS first) and decodes the continuation, skipping special tokens.
+    """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     cfg, graphdef, params, _ = load_params(run_dir, step)
-    tokenizer = ByteTokenizer()
+    tokenizer = run_tokenizer(cfg, run_dir)
     try:
         prompt_P = tokenizer.encode(prompt)
     except ValueError as e:
@@ -46,5 +50,5 @@ def sample_text(
         )
     out_BN = generate(graphdef, params, prompt_P[None], jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     ids = np.asarray(out_BN)[0]
-    eos = np.flatnonzero(ids == tokenizer.eos_id)
+    eos = np.flatnonzero(ids == tokenizer.eos_id) if tokenizer.eos_id is not None else []
     return tokenizer.decode(ids[: eos[0]] if len(eos) else ids)

@@ -4,10 +4,11 @@
     python scripts/generate.py --server localhost:8501 --model_name tiny --prompt "def "         # TF Serving REST (or embedded)
     python scripts/generate.py --server localhost:8500 --grpc --model_name tiny --prompt "def "  # TF Serving gRPC
 
-Greedy with --temperature 0 (the default). With --server the text is tokenized with the tokenizer
-the export recorded in its manifest.json (--model_base_path, default exports/NAME, at the version
-the server reports as latest) and the model's `generate` signature runs on the server. Arguments the
-model cannot honour (--temperature < 0, --seed outside int32, a prompt plus --max_new_tokens over the
+Greedy with --temperature 0 (the default). With --run_dir the text is tokenized and decoded with the
+run's tokenizer (its tokenizer.json, else its prepared data's, else bytes: jaxbig.data.run_tokenizer).
+With --server the text is tokenized with the tokenizer the export recorded in its manifest.json
+(--model_base_path, default exports/NAME, at the version the server reports as latest) and the
+model's `generate` signature runs on the server. Arguments the model cannot honour (--temperature < 0, --seed outside int32, a prompt plus --max_new_tokens over the
 export's max_seq_len) fail with a message before the request is sent.
 """
 

@@ -2,7 +2,9 @@
 
 Inputs are files, directories or glob patterns (default: the Python standard library's source).
 The byte tokenizer is the default; `--tokenizer sentencepiece --vocab_size 4096` trains one on the
-training split, `--spm_model FILE` uses an existing SentencePiece model.
+training split, `--spm_model FILE` uses an existing SentencePiece model; `--tokenizer bpe --vocab_size 4096`
+trains a byte-level BPE with Hugging Face `tokenizers`; `--tokenizer hf:PATH` uses a Hugging Face
+tokenizer.json (or a model directory holding one, whose tokenizer_config.json names BOS and EOS).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="*", default=[], help="text files, directories or globs (default: the stdlib's source)")
     parser.add_argument("--out", required=True, help="output directory, e.g. data/stdlib")
-    parser.add_argument("--tokenizer", default="byte", choices=["byte", "sentencepiece"])
-    parser.add_argument("--vocab_size", type=int, default=0, help="SentencePiece vocabulary size to train")
+    parser.add_argument("--tokenizer", default="byte", help="byte, sentencepiece, bpe, or hf:PATH (a tokenizer.json or Hugging Face model directory)")
+    parser.add_argument("--vocab_size", type=int, default=0, help="vocabulary size to train (sentencepiece, bpe)")
     parser.add_argument("--spm_model", default=None, help="an existing SentencePiece .model file")
     parser.add_argument("--spm_type", default="bpe", choices=["bpe", "unigram"])
     parser.add_argument("--val_fraction", type=float, default=0.05)

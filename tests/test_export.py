@@ -9,6 +9,7 @@ the way TF Serving (C++, TF 2.21 inside) sees the files.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from jaxbig.config import ConfigError, load_config
+from jaxbig.data.tokenizer import ByteTokenizer, to_hf
 from jaxbig.export.bundle import export_run
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.train.loop import train
@@ -61,8 +63,12 @@ def exported(tmp_path_factory, text_dir):
 
 @pytest.fixture(scope="module")
 def drq(exported):
+    """The run, as if imported from Hugging Face (a tokenizer.json in its run_dir: the bytes as one), exported W8A8."""
     run_dir, out, _, _ = exported
-    return export_run(run_dir, out.parent / "tiny-drq", 1, quantize="int8-dynamic")
+    hf_run = run_dir.parent / "run-hf"
+    shutil.copytree(run_dir, hf_run)
+    to_hf(ByteTokenizer()).save_pretrained(hf_run)
+    return export_run(hf_run, out.parent / "tiny-drq", 1, quantize="int8-dynamic")
 
 
 # The whole TF side: imports only tensorflow and numpy (jax and friends are made unimportable).
@@ -300,6 +306,20 @@ def test_manifest(exported):
     assert names["blocks/attn/wq_DHK.q"]["dtype"] == "int8" and names["blocks/attn/wq_DHK.scale"]["shape"] == [2, 1, 4, 16]
     assert names["final_norm/scale"]["dtype"] == "float32"
     assert m["versions"]["jax"] == jax.__version__
+    assert m["tokenizer"]["fingerprint"] == "byte" and not (int8 / "tokenizer.json").exists()
+
+
+def test_manifest_names_the_runs_hf_tokenizer_and_carries_its_file(drq):
+    """What scripts/generate.py --server tokenizes with (jaxbig.serve.client.load_tokenizer): the run's tokenizer.json."""
+    from jaxbig.serve.client import load_tokenizer
+
+    m = json.loads((drq / "manifest.json").read_text())
+    want = to_hf(ByteTokenizer())
+    assert m["tokenizer"] == want.to_dict() | {"fingerprint": want.fingerprint()}
+    assert (drq / "tokenizer.json").is_file() and (drq / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(drq / "manifest.json")
+    assert tok.fingerprint() == want.fingerprint()
+    np.testing.assert_array_equal(tok.encode("def é 🙂\n"), ByteTokenizer().encode("def é 🙂\n"))
 
 
 RELOAD = textwrap.dedent(

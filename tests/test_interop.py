@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from jaxbig.checkpoint.run import load_params
 from jaxbig.config import MeshConfig
+from jaxbig.data.tokenizer import HFTokenizer
 from jaxbig.interop import InteropError, export_hf, import_hf
 from jaxbig.models import abstract_model
 from jaxbig.models.decode import generate
@@ -328,4 +329,33 @@ def test_fine_tune_imported_model_on_4x2_then_serve_over_rest(imported, text_dir
     assert r.status_code == 200, r.text
     served = np.asarray(r.json()["predictions"], np.float32)
     cfg = load_params(run_dir)[0].model
-    _check_logits(served, {"tokens_BT": tokens, "logits_BTV": _forward(run_dir, tokens)}, cfg, "TF Serving REST vs jaxbig")
+    ours = _forward(run_dir, tokens)
+    _check_logits(served, {"tokens_BT": tokens, "logits_BTV": ours}, cfg, "TF Serving REST vs jaxbig")
+
+    # And back to transformers: the fine-tune keeps the imported model's architecture, config fields and tokenizer.
+    out = export_hf(run_dir, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert HFTokenizer.load(out).fingerprint() == HFTokenizer.load(src).fingerprint()
+    got = transformers_run(out, {"tokens_BT": tokens, "prompt_BP": tokens[:, :4], "new_tokens": np.array(4)}, tmp_path / "ref")
+    _check_logits(ours, {"tokens_BT": tokens, "logits_BTV": got["logits_BTV"]}, cfg, "fine-tuned model in transformers")
+
+
+def test_bf16_checkpoint_into_bf16_params_round_trips(hf_fixtures, tmp_path):
+    """model.param_dtype=bfloat16 keeps a bf16 checkpoint's values as they are (no rounding either way)."""
+    run = tmp_path / "run"
+    import_hf(hf_fixtures / "llama_bf16", run, mesh=make_mesh(MeshConfig(data=8)), param_dtype="bfloat16")
+    cfg, _, params, _ = load_params(run)
+    assert cfg.model.param_dtype == "bfloat16" and all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    out = export_hf(run, tmp_path / "hf")
+    a, b = _tensors(hf_fixtures / "llama_bf16"), _tensors(out)
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_finetune_preset_takes_the_model_from_init_from(imported):
+    from jaxbig.cli import init_model_fields
+    from jaxbig.config import load_config
+
+    src = imported["llama3_rope"]
+    cfg = load_config(REPO / "configs" / "finetune.yaml", [f"train.init_from={src}"], model=init_model_fields(str(src)))
+    assert cfg.model == dataclasses.replace(load_params(src)[0].model, dtype=cfg.model.dtype)
+    assert cfg.optim.learning_rate == 2e-5 and cfg.optim.weight_decay == 0.0

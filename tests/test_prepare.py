@@ -44,6 +44,37 @@ def test_sentencepiece_trained_and_reloaded(text_dir, tmp_path):
     np.testing.assert_array_equal(a.decode(a.documents("train")[0]), b.decode(b.documents("train")[0]))
 
 
+def test_bpe_trained_and_reloaded_as_hf(text_dir, tmp_path):
+    m = prepare([str(text_dir)], tmp_path / "bpe", tokenizer="bpe", vocab_size=400, val_fraction=0.2)
+    assert m["tokenizer"] == {"name": "hf", "vocab_size": 400, "eos_id": 0, "bos_id": None, "model_file": "tokenizer.json"}
+    assert (tmp_path / "bpe" / "tokenizer.json").is_file() and (tmp_path / "bpe" / "tokenizer_config.json").is_file()
+    data, val = _read_back(tmp_path / "bpe", "val")
+    assert set(val) <= {f.read_text() for f in text_dir.iterdir()}  # whitespace and all, exactly
+    assert m["splits"]["train"]["tokens"] < 0.7 * m["splits"]["train"]["bytes"]
+    # The prepared set is itself a Hugging Face tokenizer directory: hf:DIR and hf:FILE tokenize identically.
+    for i, path in enumerate([tmp_path / "bpe", tmp_path / "bpe" / "tokenizer.json"]):
+        again = prepare([str(text_dir)], tmp_path / f"hf{i}", tokenizer=f"hf:{path}", val_fraction=0.2)
+        assert again["splits"] == m["splits"] and again["tokenizer"] == m["tokenizer"]
+        other = PreparedData(tmp_path / f"hf{i}")
+        assert other.tokenizer.fingerprint() == data.tokenizer.fingerprint()
+        np.testing.assert_array_equal(other.decode(other.documents("train")[0]), data.decode(data.documents("train")[0]))
+
+
+def test_bad_hf_tokenizers_are_refused_and_leave_nothing(text_dir, tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "tokenizer.json").write_text('{"model": {"type": "BPE"')
+    with pytest.raises(CorpusError, match=r"corrupt/tokenizer.json' is not a Hugging Face tokenizer.json"):
+        prepare([str(text_dir)], tmp_path / "out", tokenizer=f"hf:{tmp_path / 'corrupt'}", val_fraction=0.2)
+    from jaxbig.data.tokenizer import ByteTokenizer, to_hf
+
+    to_hf(ByteTokenizer()).save(tmp_path / "no_eos.json")  # a tokenizer.json alone: nothing beside it names an eos
+    with pytest.raises(CorpusError, match="names no end-of-sequence token to separate documents; set eos_token in its tokenizer_config.json"):
+        prepare([str(text_dir)], tmp_path / "out", tokenizer=f"hf:{tmp_path / 'no_eos.json'}", val_fraction=0.2)
+    with pytest.raises(CorpusError, match="--vocab_size=300 does not match"):
+        prepare([str(text_dir)], tmp_path / "out", tokenizer=f"hf:{tmp_path / 'no_eos.json'}", vocab_size=300, val_fraction=0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "no_eos.json"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -54,7 +85,10 @@ def test_sentencepiece_trained_and_reloaded(text_dir, tmp_path):
         ({"tokenizer": "sentencepiece", "vocab_size": 100}, "vocab_size=100 is too small"),
         ({"tokenizer": "sentencepiece", "vocab_size": 1_000_000}, "cannot train a vocab_size=1000000 model on this corpus"),
         ({"tokenizer": "sentencepiece", "spm_model": "/no/model"}, "SentencePiece model '/no/model' not found"),
-        ({"tokenizer": "wordpiece"}, "use byte or sentencepiece"),
+        ({"tokenizer": "wordpiece"}, "use byte, sentencepiece, bpe or hf:PATH"),
+        ({"tokenizer": "bpe"}, "training a byte-level BPE tokenizer needs --vocab_size"),
+        ({"tokenizer": "bpe", "vocab_size": 200}, "vocab_size=200 is too small for a byte-level BPE"),
+        ({"tokenizer": "hf:/no/model"}, "tokenizer '/no/model' not found; give a tokenizer.json file or a Hugging Face model directory"),
     ],
 )
 def test_bad_input_is_refused_and_leaves_nothing(text_dir, tmp_path, kwargs, message):

@@ -88,3 +88,37 @@ def test_sample_text(trained):
         sample_text(run_dir, "def ", max_new_tokens=100)
     with pytest.raises(ConfigError, match="no checkpoint at step 7"):
         sample_text(run_dir, "def ", step=7)
+
+
+@pytest.mark.parametrize("mesh", ["fsdp=8", "2x2x2"])
+def test_init_from_starts_from_the_run_on_another_mesh(trained, tmp_path, text_dir, mesh):
+    """`train.init_from` (fine-tuning): a new run on an FSDP or pipeline mesh starts from the trained run's params
+    (its first evaluation equals the source's last, up to float32 rounding between the two meshes' programs) with a
+    fresh optimizer state, and resumes from its own checkpoints afterwards, not from the source again."""
+    from jaxbig.cli import init_model_fields
+    from jaxbig.parallel.mesh import parse_mesh_spec
+
+    src, src_cfg, src_summary = trained
+    mesh_set = [f"mesh.{k}={v}" for k, v in parse_mesh_spec(mesh).items()]
+    run_dir = tmp_path / "ft"
+    overrides = ["train.batch_size=8", "data.seq_len=32", "train.eval_batches=2", "optim.warmup_steps=1", f"train.run_dir={run_dir}",
+                 f"data.paths={text_dir}", "data.val_fraction=0.2", f"train.init_from={src}", "train.steps=2", "train.eval_every=2", *mesh_set]
+    cfg = load_config(None, overrides, model=init_model_fields(str(src)))
+    assert cfg.model == src_cfg.model
+    summary = train(cfg, mesh_spec=mesh, progress=False)
+    assert summary["start_step"] == 0
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    assert_close(summary["initial_eval_loss"], src_summary["final_eval_loss"], forward_chain(cfg.model, B, T), err_msg="first eval vs the source's last")
+    resumed = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3)), mesh_spec=mesh, progress=False)
+    assert resumed["start_step"] == 2
+
+
+def test_init_from_refuses_another_model_and_the_run_dir_itself(trained, tmp_path, text_dir):
+    src, _, _ = trained
+    with pytest.raises(ConfigError, match=r"is a different model \(changed: model.rope_theta 10000.0 -> 500000.0\)"):
+        train(_cfg(tmp_path / "x", text_dir, f"train.init_from={src}", "model.rope_theta=500000.0"), progress=False)
+    with pytest.raises(ConfigError, match="is the run_dir itself"):
+        _cfg(src, text_dir, f"train.init_from={src}")
+    with pytest.raises(ConfigError, match="import the Hugging Face model first"):
+        _cfg(tmp_path / "y", text_dir, "train.init_from=hf:/models/llama")
+    assert not (tmp_path / "x").exists()

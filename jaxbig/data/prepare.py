@@ -3,8 +3,14 @@
 Layout of a prepared data set `data/NAME/`:
   manifest.json                    tokenizer, dtype, split rule, per-split shards and counts
   tokenizer.model                  the SentencePiece model (SentencePiece only)
+  tokenizer.json, tokenizer_config.json  the Hugging Face tokenizer and its BOS/EOS (hf and bpe only)
   train-00000-of-00004.arrayrecord one record per document: its token ids as little-endian `dtype`
   val-00000-of-00001.arrayrecord
+
+A document's record is its ids without a separator (the packer appends eos). With a Hugging Face
+tokenizer they are `encode(text)`, i.e. what transformers' `tokenizer(text)` gives: a BOS first where
+the tokenizer.json's post-processor adds one (Llama, Mistral), as those models were pretrained; an
+eos the post-processor appends is dropped (the packer's would double it).
 
 The directory is written under a temporary name and renamed into place when complete, so a
 crash never leaves a half-written data set behind.
@@ -17,12 +23,13 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from jaxbig.data.corpus import CorpusError, is_validation, list_text_files, stdlib_root
-from jaxbig.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from jaxbig.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -57,6 +64,40 @@ def _writer(path: Path):
     return ArrayRecordWriter(str(path), "group_size:1")
 
 
+def _tokenizer(name: str, vocab_size: int, spm_model: str | None, spm_type: str, train_texts: Iterable[str]):
+    """The tokenizer `prepare` names, loaded or trained on `train_texts`; CorpusError when it cannot be."""
+    try:
+        if name == "byte":
+            if vocab_size not in (0, ByteTokenizer.vocab_size):
+                raise CorpusError(f"the byte tokenizer has exactly 256 tokens; drop --vocab_size={vocab_size} or use --tokenizer sentencepiece or bpe")
+            return ByteTokenizer()
+        if name == "sentencepiece":
+            if spm_model:
+                tok = SentencePieceTokenizer.load(spm_model)
+                if vocab_size not in (0, tok.vocab_size):
+                    raise CorpusError(f"--vocab_size={vocab_size} does not match the model {spm_model!r}, which has {tok.vocab_size} pieces")
+                return tok
+            if vocab_size <= 0:
+                raise CorpusError("training a SentencePiece tokenizer needs --vocab_size (e.g. 4096)")
+            return SentencePieceTokenizer.train(train_texts, vocab_size, spm_type)
+        if name == "bpe":
+            if vocab_size <= 0:
+                raise CorpusError("training a byte-level BPE tokenizer needs --vocab_size (e.g. 4096)")
+            return HFTokenizer.train(train_texts, vocab_size)
+        if name.startswith("hf:"):
+            tok = HFTokenizer.load(name[len("hf:") :])
+            if vocab_size not in (0, tok.vocab_size):
+                raise CorpusError(f"--vocab_size={vocab_size} does not match {name!r}, which has {tok.vocab_size} tokens; drop --vocab_size")
+            if tok.eos_id is None:
+                raise CorpusError(
+                    f"{name!r} names no end-of-sequence token to separate documents; set eos_token in its tokenizer_config.json"
+                )
+            return tok
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
+    raise CorpusError(f"--tokenizer {name!r}: use byte, sentencepiece, bpe or hf:PATH (a tokenizer.json or a Hugging Face model directory)")
+
+
 def prepare(
     inputs: list[str],
     out: str | Path,
@@ -69,7 +110,12 @@ def prepare(
     shard_mb: float = 64.0,
     overwrite: bool = False,
 ) -> dict:
-    """Tokenizes `inputs` (files, directories, globs; empty = the stdlib's source) into `out`; returns the manifest."""
+    """Tokenizes `inputs` (files, directories, globs; empty = the stdlib's source) into `out`; returns the manifest.
+
+    `tokenizer`: "byte"; "sentencepiece" (`spm_model`, or trained with `vocab_size` and `spm_type`); "bpe" (a
+    byte-level BPE trained with Hugging Face `tokenizers`, `vocab_size`); "hf:PATH" (a tokenizer.json or a
+    Hugging Face model directory).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise CorpusError(f"{str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
@@ -88,25 +134,7 @@ def prepare(
             f"val_fraction={val_fraction}; add files or change --val_fraction"
         )
 
-    if tokenizer == "byte":
-        if vocab_size not in (0, ByteTokenizer.vocab_size):
-            raise CorpusError(f"the byte tokenizer has exactly 256 tokens; drop --vocab_size={vocab_size} or use --tokenizer sentencepiece")
-        tok = ByteTokenizer()
-    elif tokenizer == "sentencepiece":
-        try:
-            if spm_model:
-                tok = SentencePieceTokenizer.load(spm_model)
-                if vocab_size not in (0, tok.vocab_size):
-                    raise CorpusError(f"--vocab_size={vocab_size} does not match the model {spm_model!r}, which has {tok.vocab_size} pieces")
-            else:
-                if vocab_size <= 0:
-                    raise CorpusError("training a SentencePiece tokenizer needs --vocab_size (e.g. 4096)")
-                tok = SentencePieceTokenizer.train((text for _, text in splits["train"]), vocab_size, spm_type)
-        except ValueError as e:
-            raise CorpusError(str(e)) from None
-    else:
-        raise CorpusError(f"--tokenizer {tokenizer!r}: use byte or sentencepiece")
-
+    tok = _tokenizer(tokenizer, vocab_size, spm_model, spm_type, (text for _, text in splits["train"]))
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -115,7 +143,8 @@ def prepare(
     try:
         manifest_splits = {}
         for split, split_docs in splits.items():
-            encoded = [tok.encode(text).astype(dtype) for _, text in split_docs]
+            encode = tok.encode_document if isinstance(tok, HFTokenizer) else tok.encode
+            encoded = [encode(text).astype(dtype) for _, text in split_docs]
             total_bytes = sum(e.nbytes for e in encoded)
             num_shards = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
             names = [f"{split}-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
@@ -130,8 +159,7 @@ def prepare(
                 "tokens": int(sum(len(e) for e in encoded)),
                 "bytes": int(sum(len(text.encode("utf-8")) for _, text in split_docs)),
             }
-        if isinstance(tok, SentencePieceTokenizer):
-            tok.save(tmp / "tokenizer.model")
+        tok.save_files(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -5,7 +5,8 @@ exports/NAME/<V>/
   assets.extra/tf_serving_warmup_requests
   jax/{forward,generate}.jax_exported, jax/params.npz
   onnx/model.onnx, onnx/decode_step.onnx   with --format onnx or all (jaxbig.interop.onnx)
-  manifest.json                       lists the formats written
+  manifest.json                       lists the formats written and names the run's tokenizer; its files lie beside it:
+  tokenizer.model | tokenizer.json, tokenizer_config.json   (SentencePiece | Hugging Face; none for bytes)
 Everything is written to exports/NAME/.tmp-<V>-*, then renamed: a failed export leaves no
 version directory behind (TF Serving ignores non-numeric names while it is being written).
 """
@@ -26,7 +27,7 @@ from jaxbig.compress.int4 import GROUPS as INT4_GROUPS
 from jaxbig.compress.prune import sparsity_by_layer
 from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
 from jaxbig.config import ConfigError
-from jaxbig.data.tokenizer import ByteTokenizer
+from jaxbig.data.run import run_tokenizer
 from jaxbig.export.artifact import PLATFORMS, export_functions, flatten_params, leaf_manifest, to_leaves, write_artifacts
 from jaxbig.export.targets import get_target
 from jaxbig.checkpoint.run import load_params
@@ -120,6 +121,7 @@ def export_run(
     if final.exists() and not overwrite:
         raise ConfigError(f"{str(final)!r} already exists; pick another --version or pass --overwrite")
     cfg, graphdef, params, step = load_params(run_dir, step)
+    tokenizer = run_tokenizer(cfg, run_dir)  # the clients (jaxbig.serve.client.load_tokenizer) tokenize with it
 
     flat = flatten_params(params)
     rules = llama_rules()
@@ -136,13 +138,14 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out))
     try:
+        tokenizer.save_files(tmp)
         manifest = {
             "format": "jaxbig-export/1",
             "formats": list(formats),
             "run_dir": str(run_dir),
             "step": step,
             "model": cfg.to_dict()["model"],
-            "tokenizer": ByteTokenizer().to_dict(),
+            "tokenizer": tokenizer.to_dict() | {"fingerprint": tokenizer.fingerprint()},
             "sparsity": _sparsity(flat, leaves),
             "quantization": {"method": quantize},  # the SavedModel's scheme below; ONNX's under "onnx"
             "signatures": {

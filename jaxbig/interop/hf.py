@@ -43,7 +43,7 @@ from jaxbig.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxbig.data import run_tokenizer
 from jaxbig.data.tokenizer import to_hf
 from jaxbig.interop.hf_config import InteropError, architecture_of, hf_config_for, model_config_from_hf, read_json
-from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, param_map, read_slice, to_hf
+from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, layer_to_hf, param_map, read_slice
 from jaxbig.models import Params
 
 SINGLE_FILE = "model.safetensors"
@@ -278,7 +278,7 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype: str) -> Iterator[tuple[s
         leaf = _leaf(params, entry.path)
         for l, name in enumerate(hf_names(entry, cfg.num_layers)):
             layer = np.asarray(jax.device_get(leaf[l] if entry.layered else leaf))
-            yield name, to_hf(entry.kind, layer.astype(np_dtype))
+            yield name, layer_to_hf(entry.kind, layer.astype(np_dtype))
 
 
 def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -291,6 +291,20 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
         shards[-1].append(name)
         used += n
     return shards
+
+
+def _imported_origin(run_dir: Path) -> Path | None:
+    """The imported run directory `run_dir` is, or descends from through `train.init_from` (fine-tunes of fine-tunes)."""
+    seen = set()
+    while run_dir.resolve() not in seen:
+        seen.add(run_dir.resolve())
+        if (run_dir / IMPORTED).is_file() and (run_dir / HF_CONFIG).is_file():
+            return run_dir
+        parent = load_run_config(run_dir).train.init_from if (run_dir / CONFIG_FILE).is_file() else ""
+        if not parent:
+            return None
+        run_dir = Path(parent)
+    return None
 
 
 def export_hf(
@@ -313,8 +327,9 @@ def export_hf(
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_run_config(run_dir)
     max_bytes = _parse_size(max_shard_size)
-    base = read_json(run_dir / HF_CONFIG) if (run_dir / HF_CONFIG).is_file() else None
-    imported = read_json(run_dir / IMPORTED) if (run_dir / IMPORTED).is_file() else {}
+    origin = _imported_origin(run_dir)  # the imported run this one descends from by train.init_from, if any
+    base = read_json(origin / HF_CONFIG) if origin is not None else None
+    imported = read_json(origin / IMPORTED) if origin is not None else {}
     dtype = dtype or imported.get("source_dtype") or cfg.model.param_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InteropError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
@@ -357,8 +372,8 @@ def export_hf(
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": dict(sorted(file_of.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        if (run_dir / HF_GENERATION_CONFIG).is_file():
-            shutil.copyfile(run_dir / HF_GENERATION_CONFIG, tmp / "generation_config.json")
+        if origin is not None and (origin / HF_GENERATION_CONFIG).is_file():
+            shutil.copyfile(origin / HF_GENERATION_CONFIG, tmp / "generation_config.json")
         else:
             gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

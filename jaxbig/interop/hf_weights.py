@@ -127,7 +127,7 @@ def read_slice(tensor: Any, kind: str, shape: tuple[int, ...], index: tuple[slic
     raise ValueError(f"unknown mapping kind {kind!r}")
 
 
-def to_hf(kind: str, layer: np.ndarray) -> np.ndarray:
+def layer_to_hf(kind: str, layer: np.ndarray) -> np.ndarray:
     """One layer of a jaxbig param as its HF tensor, C-contiguous (safetensors 0.8 writes a non-contiguous array's
     memory as if it were contiguous, silently: safetensors#825)."""
     if kind == "same":
@@ -147,4 +147,4 @@ def to_hf(kind: str, layer: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-__all__ = ["Entry", "IGNORED_SUFFIXES", "KINDS", "hf_names", "hf_shape", "param_map", "read_slice", "to_hf"]
+__all__ = ["Entry", "IGNORED_SUFFIXES", "KINDS", "hf_names", "hf_shape", "param_map", "layer_to_hf", "read_slice"]

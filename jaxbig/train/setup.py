@@ -28,6 +28,7 @@ from jaxbig.compress.distill import make_distill_loss, teacher_config
 from jaxbig.config import Config, ConfigError
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
 from jaxbig.data.prepare import PreparedData
+from jaxbig.data.run import run_tokenizer
 from jaxbig.data.tokenizer import ByteTokenizer
 from jaxbig.models import Params, logical_axes
 from jaxbig.models.layers import LayerRunner
@@ -107,10 +108,14 @@ def check_init_from(cfg: Config, tokenizer) -> None:
             f"train.init_from={src!r} is a different model (changed: {', '.join(diff)}); drop those --set/--config model "
             "fields (--init_from takes the model from the run)"
         )
-    if (Path(src) / "tokenizer.json").is_file() and not cfg.data.prepared:
+    theirs = run_tokenizer(source, src)
+    if theirs.fingerprint() != tokenizer.fingerprint():
+        fix = f"scripts/prepare_data.py --tokenizer hf:{src} --out DIR, then --set data.prepared=DIR" if theirs.name == "hf" else (
+            f"the data set {src} trained on (data.prepared={source.data.prepared!r})"
+        )
         raise ConfigError(
-            f"train.init_from={src!r} has its own tokenizer ({src}/tokenizer.json) but this run reads raw text as bytes; "
-            f"prepare the data with it: scripts/prepare_data.py --tokenizer hf:{src} --out DIR, then --set data.prepared=DIR"
+            f"train.init_from={src!r} was trained with a {theirs.name} tokenizer of {theirs.vocab_size} tokens, this run's data "
+            f"with another ({tokenizer.name}, {tokenizer.vocab_size} tokens), so the ids would mean other tokens; use {fix}"
         )
 
 
