@@ -227,3 +227,24 @@ def test_int4_codes_are_onnx_runtimes_and_both_runtimes_compute_jaxbigs_int4_for
     assert variables(int4) <= 0.17 * variables(f32), (variables(int4), variables(f32))
     manifest = json.loads((int4 / "manifest.json").read_text())
     assert manifest["quantization"]["group_size"] == 64 and manifest["onnx"]["quantization"]["group_size"] == 64
+
+
+def test_the_server_picks_the_runtime_by_flag_or_by_what_a_version_holds(exported, tmp_path, capsys, repo):
+    import importlib.util
+
+    from jaxbig.serve.models import Servable, loader_for
+    from jaxbig.serve.onnx_runtime import OnnxServable
+
+    _, _, f32, int8, _ = exported
+    assert isinstance(loader_for("auto")("tiny", 2, int8, warmup=False), OnnxServable)  # ONNX only: ONNX Runtime
+    assert isinstance(loader_for("auto")("tiny", 1, f32, warmup=False), Servable)  # a SavedModel too: TF
+    assert isinstance(loader_for("onnx")("tiny", 1, f32, warmup=False), OnnxServable)
+    with pytest.raises(FileNotFoundError, match="--runtime onnx serves exports written with scripts/export.py --format onnx or all"):
+        loader_for("onnx")("tiny", 9, tmp_path, warmup=False)
+    with pytest.raises(ConfigError, match="--runtime 'tflite' is not supported; use one of auto, tf, onnx"):
+        loader_for("tflite")
+    spec = importlib.util.spec_from_file_location("serve_script", repo / "scripts" / "serve.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--model_base_path", str(f32.parent), "--model_name", "tiny", "--server", "tf-serving", "--runtime", "onnx"]) == 2
+    assert "--runtime onnx needs --server embedded" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from flax import nnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+from jaxbig.compress.int4 import GROUPS as INT4_GROUPS
 from jaxbig.config import ConfigError, ModelConfig
 from jaxbig.models import abstract_model
 from jaxbig.models.llama import use_constrain, use_dense
@@ -46,7 +47,6 @@ from jaxbig.models.llama import use_constrain, use_dense
 OPSET = 23  # jax2onnx's default; ONNX Runtime >= 1.24 runs it
 FORWARD_FILE, STEP_FILE = "model.onnx", "decode_step.onnx"
 METHODS = ("none", "int8", "int8-dynamic", "int4")  # what --quantize means for ONNX (fp8: no ONNX Runtime CPU path)
-INT4_GROUPS = (32, 64, 128)
 
 
 def _jax2onnx():
@@ -187,15 +187,16 @@ def quantize(src: Path, dst: Path, method: str, group_size: int = 64) -> dict:
     symmetric = f"symmetric, one float32 scale per {group_size} weights along the contracted axis (round to nearest)"
     if method == "int8":
         # MatMulNBits has no 8-bit Gather (GatherBlockQuantized is 4-bit only): the embedding goes through
-        # quantize_dynamic's weight-only Gather path (int8 + DequantizeLinear), the matmuls through MatMulNBits bits=8.
+        # quantize_dynamic's weight-only Gather path (int8 + DequantizeLinear, one scale for the whole table: its
+        # per_channel does not apply to Gather), the matmuls through MatMulNBits bits=8.
         mid = dst.with_name(f"gather-{dst.name}")
         quantize_dynamic(src, mid, op_types_to_quantize=["Gather"], per_channel=True, weight_type=QuantType.QInt8)
         _nbits(mid, dst, 8, group_size, ("MatMul",))
         mid.unlink()
-        return {"tools": ["quantize_dynamic (Gather)", "MatMulNBitsQuantizer (MatMul)"], "weights": f"int8 {symmetric}; embedding int8 per row", "activations": "float32"}
+        return {"tools": ["quantize_dynamic (Gather)", "MatMulNBitsQuantizer (MatMul)"], "weights": f"int8 {symmetric}; embedding int8 with one scale", "activations": "float32"}
     if method == "int8-dynamic":
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=True, weight_type=QuantType.QInt8)
-        return {"tools": ["quantize_dynamic"], "weights": "int8 per output channel", "activations": "uint8, one scale per tensor computed at run time"}
+        return {"tools": ["quantize_dynamic"], "weights": "int8 per output channel; embedding int8 with one scale", "activations": "uint8, one scale per tensor computed at run time"}
     if method == "int4":
         _nbits(src, dst, 4, group_size, ("MatMul", "Gather"))
         return {"tools": ["MatMulNBitsQuantizer"], "weights": f"int4 {symmetric}; embedding by GatherBlockQuantized", "activations": "float32"}
@@ -206,14 +207,14 @@ def write(out: Path, cfg: ModelConfig, params: dict, method: str = "none", group
     """Writes out/model.onnx and out/decode_step.onnx (quantized by `method`), checks both; returns the manifest entry."""
     check_method(method, group_size)
     out.mkdir(parents=True)
-    files = {}
+    done = {}  # what the quantizers did (the same for both graphs)
     for file, make in ((FORWARD_FILE, forward_proto), (STEP_FILE, step_proto)):
         proto = make(cfg, params)
         if method == "none":
             onnx.save(proto, str(out / file))
         else:
             onnx.save(proto, str(out / f"float-{file}"))
-            files["quantization"] = quantize(out / f"float-{file}", out / file, method, group_size)
+            done = quantize(out / f"float-{file}", out / file, method, group_size)
             (out / f"float-{file}").unlink()
         check(out / file)
     model = onnx.load(str(out / FORWARD_FILE), load_external_data=False)
@@ -221,7 +222,7 @@ def write(out: Path, cfg: ModelConfig, params: dict, method: str = "none", group
         "files": {"serving_default": f"onnx/{FORWARD_FILE}", "decode_step": f"onnx/{STEP_FILE}"},
         "opset": {d.domain or "ai.onnx": d.version for d in model.opset_import},
         "ir_version": model.ir_version,
-        "quantization": {"method": method, **({"group_size": group_size} if method in ("int8", "int4") else {}), **files.get("quantization", {})},
+        "quantization": {"method": method, **({"group_size": group_size} if method in ("int8", "int4") else {}), **done},
         "converter": _converter_versions(),
     }
 
