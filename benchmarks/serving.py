@@ -200,15 +200,22 @@ def checked_calls(rest_url: str, grpc_target: str, name: str, tokens: np.ndarray
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
-def _direct(version_dir: Path, tokens: np.ndarray, seconds: float) -> tuple[list[float], np.ndarray]:
-    import tensorflow as tf
+def _direct(version_dir: Path, tokens: np.ndarray, seconds: float, runtime: str = "tf") -> tuple[list[float], np.ndarray]:
+    """Latencies of one thread calling the version's serving_default in-process (TF SavedModel or ONNX Runtime), and its answer."""
+    if runtime == "onnx":
+        from jaxbig.serve.onnx_runtime import OnnxModel
 
-    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    x = tf.constant(tokens)
-    out = fn(tokens=x)["logits"].numpy()
+        model = OnnxModel(version_dir)
+        call = lambda: model.forward(tokens)  # noqa: E731
+    else:
+        import tensorflow as tf
+
+        fn, x = tf.saved_model.load(str(version_dir)).signatures["serving_default"], tf.constant(tokens)
+        call = lambda: fn(tokens=x)["logits"].numpy()  # noqa: E731
+    out = call()
     lat, deadline = [], time.perf_counter() + seconds
     while (start := time.perf_counter()) < deadline:
-        fn(tokens=x)["logits"].numpy()
+        call()
         lat.append(time.perf_counter() - start)
     return lat, out
 
@@ -250,6 +257,7 @@ def main(args, command: str) -> int:
     tokens = np.random.default_rng(0).integers(1, 256, (1, 32)).astype(np.int32)
     direct_lat, ref1 = _direct(staging / "1", tokens, args.seconds / 3)
     _, ref2 = _direct(staging / "2", tokens, 0.0)
+    in_process = {(rt, v): _direct(staging / str(v), tokens, args.seconds / 6, rt)[0] for rt in args.runtimes for v in (1, 2)}
     expected = {"tf": {1: ref1, 2: ref2}, "onnx": _onnx_expected(staging, tokens)}
     rows, sequential = [], {}
     batched = ["--enable_batching", "--max_batch_size", "8", "--batch_timeout_micros", "2000"]
@@ -275,7 +283,7 @@ def main(args, command: str) -> int:
         if result.errors:
             print("\n".join(result.errors[:20]), file=sys.stderr)
         rows.append((mode, result, status, _mean_batch(metrics)))
-    text = _report(rows, direct_lat, sequential, args, command, load=(load_before, os.getloadavg()[0]))
+    text = _report(rows, direct_lat, sequential, args, command, load=(load_before, os.getloadavg()[0]), in_process=in_process)
     print(text)
     if not args.no_write:
         from benchmarks.harness import write_section
@@ -295,7 +303,7 @@ def _mean_batch(metrics: str) -> float:
     return value("jaxbig_serving_batch_requests_sum") / count if count else 1.0
 
 
-def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float, float]) -> str:
+def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float, float], in_process: dict | None = None) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} CPU cores (shared), TF {__import__('tensorflow').__version__}; "
@@ -322,4 +330,10 @@ def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float,
     ]
     for protocol, p50 in sequential.items():
         lines.append(f"| {protocol} to the embedded server | {ms(p50)} | +{ms(p50 - direct)} ms ({p50 / direct:.1f}x) |")
+    if in_process:  # the runtimes side by side, one thread in-process, no server
+        names = {"tf": "TF SavedModel (`tf.saved_model.load`)", "onnx": "ONNX Runtime (`OnnxModel`, all optimisations)"}
+        lines += ["", "| in-process, one thread | float32 p50 / p99 ms | int8 p50 / p99 ms |", "|---|---|---|"]
+        for rt in dict.fromkeys(rt for rt, _ in in_process):
+            cells = [f"{ms(np.percentile(in_process[rt, v], 50))} / {ms(np.percentile(in_process[rt, v], 99))}" for v in (1, 2)]
+            lines.append(f"| {names[rt]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
