@@ -1,6 +1,7 @@
 """The same Llama, written by hand in plain JAX: the baseline `scripts/bench.py` holds jaxbig to.
 
-No Flax, no mesh, no sharding constraints: a function of a params pytree, a loop over the
+No Flax, no mesh, no sharding constraints: a function of a params pytree (attention either written out and
+left to autodiff, as a plain script would, or, for the like-for-like baseline, jaxbig's own attention op), a loop over the
 stacked layers (`lax.scan`, unrolled unless `model.scan_layers`), `value_and_grad`, optax, one `jax.jit` with donated buffers. The params
 are the nested dict jaxbig's `nnx.to_pure_dict` gives (same names, same shapes, layers
 stacked on axis 0), so one initialisation feeds both, and both use the optimizer of
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbig.config import ModelConfig
+from jaxbig.models.llama import attend  # jaxbig's attention op (a pure JAX function), for the like-for-like baseline
 
 Params = dict[str, Any]
 
@@ -49,7 +51,10 @@ def apply_rope(x_BTHK: jax.Array, sin_Tk: jax.Array, cos_Tk: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHK.dtype)
 
 
-def attention(x_BTD: jax.Array, p: Params, sin_Tk: jax.Array, cos_Tk: jax.Array, causal_TS: jax.Array) -> jax.Array:
+def attention(x_BTD: jax.Array, p: Params, sin_Tk: jax.Array, cos_Tk: jax.Array, causal_TS: jax.Array, op: str = "autodiff") -> jax.Array:
+    """`op`: autodiff (softmax attention written out, its backward left to autodiff: what a plain script does), or
+    jaxbig's own attention op for the like-for-like baseline: `einsum` (`jaxbig.models.llama.attend`, with its
+    hand-written backward) or `dot_product` (`jax.nn.dot_product_attention`)."""
     dt = x_BTD.dtype
     q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, p["wq_DHK"].astype(dt))
     k_BSNK = jnp.einsum("BSD,DNK->BSNK", x_BTD, p["wk_DNK"].astype(dt))
@@ -58,6 +63,12 @@ def attention(x_BTD: jax.Array, p: Params, sin_Tk: jax.Array, cos_Tk: jax.Array,
 
     B, T, H, K = q_BTHK.shape
     N = k_BSNK.shape[2]
+    if op == "einsum":
+        out_BTHK = attend(q_BTHK, k_BSNK, v_BSNK, jnp.broadcast_to(causal_TS[None], (B, T, T)))
+        return jnp.einsum("BTHK,HKD->BTD", out_BTHK, p["wo_HKD"].astype(dt))
+    if op == "dot_product":
+        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSNK, v_BSNK, is_causal=True)
+        return jnp.einsum("BTHK,HKD->BTD", out_BTHK, p["wo_HKD"].astype(dt))
     q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)  # query head h uses kv head h // G
     logits_BNGTS = jnp.einsum("BTNGK,BSNK->BNGTS", q_BTNGK, k_BSNK, preferred_element_type=jnp.float32) * (K**-0.5)
     logits_BNGTS = jnp.where(causal_TS[None, None, None], logits_BNGTS, jnp.finfo(jnp.float32).min)
@@ -74,8 +85,9 @@ def mlp(x_BTD: jax.Array, p: Params) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, p["w_down_FD"].astype(dt))
 
 
-def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
-    """Logits [B, T, V] in float32 for every position of `tokens_BT`."""
+def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, like_jaxbig: bool = False) -> jax.Array:
+    """Logits [B, T, V] in float32 for every position of `tokens_BT`; `like_jaxbig`: attention by jaxbig's op for `cfg`."""
+    op = cfg.attention_impl() if like_jaxbig else "autodiff"
     dt = jnp.dtype(cfg.compute_dtype())
     T = tokens_BT.shape[1]
     sin_Tk, cos_Tk = rope_tables(T, cfg.head_dim, cfg.rope_theta)
@@ -83,7 +95,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array
     x_BTD = jnp.take(params["embed_VD"], tokens_BT, axis=0).astype(dt)
 
     def block(x_BTD, layer: Params):
-        x_BTD = x_BTD + attention(rms_norm(x_BTD, layer["attn_norm"]["scale"], cfg.norm_eps), layer["attn"], sin_Tk, cos_Tk, causal_TS)
+        x_BTD = x_BTD + attention(rms_norm(x_BTD, layer["attn_norm"]["scale"], cfg.norm_eps), layer["attn"], sin_Tk, cos_Tk, causal_TS, op)
         x_BTD = x_BTD + mlp(rms_norm(x_BTD, layer["mlp_norm"]["scale"], cfg.norm_eps), layer["mlp"])
         return x_BTD, None
 
@@ -97,21 +109,22 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array
     return jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head_DV"].astype(dt), preferred_element_type=jnp.float32)
 
 
-def loss_fn(params: Params, cfg: ModelConfig, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
+def loss_fn(params: Params, cfg: ModelConfig, inputs_BT: jax.Array, targets_BT: jax.Array, like_jaxbig: bool = False) -> jax.Array:
     """Mean next-token cross-entropy in nats per token."""
-    logits_BTV = forward(params, cfg, inputs_BT)
+    logits_BTV = forward(params, cfg, inputs_BT, like_jaxbig)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[:, :, None], axis=-1)[:, :, 0]
     return jnp.mean(logz_BT - target_logit_BT)
 
 
-def make_step(cfg: ModelConfig, tx: optax.GradientTransformation, compiler_options: dict | None = None):
+def make_step(cfg: ModelConfig, tx: optax.GradientTransformation, compiler_options: dict | None = None, *, like_jaxbig: bool = False):
     """`step(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`, jitted, params and opt_state donated.
 
-    `compiler_options`: XLA options for the jit (None: XLA's defaults, what a plain script gets)."""
+    `compiler_options`: XLA options for the jit (None: XLA's defaults, what a plain script gets). `like_jaxbig`: the
+    attention op jaxbig uses for `cfg` (its own backward, or dot_product), so only the framework differs."""
 
     def step(params: Params, opt_state: optax.OptState, inputs_BT: jax.Array, targets_BT: jax.Array):
-        loss, grads = jax.value_and_grad(loss_fn)(params, cfg, inputs_BT, targets_BT)
+        loss, grads = jax.value_and_grad(loss_fn)(params, cfg, inputs_BT, targets_BT, like_jaxbig)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}

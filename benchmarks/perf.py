@@ -17,7 +17,8 @@ process, one device); and the PyTorch eager peer (`benchmarks/peers/torch_llama.
 
 FLOPs are model FLOPs (`ModelConfig.flops_per_token`: 6 x matmul params + the causal attention
 term), the same formula for every implementation, so GFLOP/s compare across block types. MFU is
-against the 2048² float32 matmul peak measured in this process.
+against the peak for float32 (a 2048² float32 matmul measured in this process with jaxbig's XLA options on CPU;
+the published table on known GPUs/TPUs).
 
 `--check` re-runs the loop table and exits 1 when a config's tokens/s is more than `--margin`
 below the baseline recorded in docs/benchmarks.md (the `perf:baseline` line of the `bench:perf`
@@ -45,6 +46,7 @@ import optax
 
 from benchmarks import harness
 from jaxbig.config import load_config
+from jaxbig.xla_options import compiler_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -107,7 +109,9 @@ def train_process(config: str, mesh: str, steps: int, cache_dir: Path, sets: lis
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config_path(config)), "--mesh", mesh, "--steps", str(steps)]
     cmd += ["--run_dir", str(run_dir), "--fresh", "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES; options from compile.xla_profile
+    env.pop("XLA_FLAGS", None)
+    if xla_options:
+        env["XLA_FLAGS"] = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in xla_options.items())  # the device count comes from JAX_NUM_CPU_DEVICES; options from compile.xla_profile
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         out = proc.stdout.read()
@@ -159,13 +163,15 @@ def torch_peer(config: str, steps: int, extra: list[str] = ()) -> dict:
 MAXTEXT_STEP = re.compile(r"completed step: (\d+), seconds: ([\d.]+)")
 
 
-def maxtext_peer(python: str, config: str, steps: int) -> dict:
+def maxtext_peer(python: str, config: str, steps: int, xla_options: dict | None = None) -> dict:
     """MaxText's own trainer on `config`'s shape: one device, float32 activations, synthetic data, a fresh cache.
 
     `python` is an interpreter where `pip install maxtext` was done (benchmarks/peers/maxtext.md);
     nothing of MaxText is in this repository. Everything else is its default Llama block (remat
     full, scanned layers). tokens/s from its per-step `seconds`, the first 3 steps dropped; time to
-    first step from starting the process to its `completed step: 0` line.
+    first step from starting the process to its `completed step: 0` line. `xla_options`: XLA
+    DebugOptions fields (jaxbig's `compile.xla_profile=auto`) passed to MaxText's process as XLA_FLAGS,
+    since MaxText compiles with process-wide flags; None: MaxText's defaults (XLA_FLAGS removed).
     """
     cfg = load_config(config_path(config))
     m = cfg.model
@@ -186,6 +192,8 @@ def maxtext_peer(python: str, config: str, steps: int) -> dict:
     cmd = [python, "-m", "maxtext.trainers.pre_train.train", base_yml.stdout.strip(), *(f"{k}={v}" for k, v in overrides.items())]
     env = {**os.environ, "DECOUPLE_GCLOUD": "TRUE", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
     env.pop("XLA_FLAGS", None)
+    if xla_options:
+        env["XLA_FLAGS"] = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in xla_options.items())
     seconds, first = {}, None
     t0 = time.perf_counter()
     try:
@@ -203,7 +211,9 @@ def maxtext_peer(python: str, config: str, steps: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     timed = [v for k, v in sorted(seconds.items()) if k >= 3]
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    return {"label": "MaxText (pip `maxtext`), its default Llama block, float32 activations", "tokens_per_s": tokens / statistics.median(timed), "first_step_s": first}
+    flags = f"with jaxbig's XLA options (XLA_FLAGS={env['XLA_FLAGS']})" if xla_options else "its default XLA options"
+    label = f"MaxText (pip `maxtext`), its default Llama block, float32 activations, {flags}"
+    return {"label": label, "tokens_per_s": tokens / statistics.median(timed), "first_step_s": first}
 
 
 # --------------------------------------------------------------------------- report
@@ -219,7 +229,7 @@ def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
         flops = r.tokens_per_s * r.flops_per_token
         rows.append(
             f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.batch}×{r.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
-            f"| {flops / peak:.3f} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
+            f"| {harness.mfu_cell(flops, peak)} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
             f"| {r.compile_s:.1f} | {r.time_to_first_step_s:.1f} | {r.peak_rss_mib:,.0f} | {r.final_loss:.3f} |"
         )
     return rows
@@ -247,13 +257,13 @@ def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: di
         if bf16:
             entries.append(("jaxbig, `model.dtype=bfloat16` (float32 params)", bf16.tokens_per_s))
         if r.config in hand:
-            entries.append(("hand-written JAX step, same XLA options (in-process)", hand[r.config].median["handwritten"]))
-            entries.append(("hand-written JAX step, XLA defaults (in-process)", hand[r.config].median["handwritten-defaults"]))
+            entries.append(("hand-written JAX step, like for like: jaxbig's attention op, XLA options, layer layout (in-process)", hand[r.config].median["handwritten"]))
+            entries.append(("hand-written JAX step, out of the box: autodiff attention, XLA defaults (in-process)", hand[r.config].median["handwritten-defaults"]))
         for p in peers.get(r.config, []):
             entries.append((p["label"], p["tokens_per_s"]))
         for name, rate in entries:
             flops = rate * r.flops_per_token
-            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {flops / peak:.3f} | {base / rate:.2f} |")
+            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {harness.mfu_cell(flops, peak)} | {base / rate:.2f} |")
     return rows
 
 
@@ -262,7 +272,7 @@ def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[floa
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
         f"Machine: {harness.machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
-        f"Measured matmul peak (2048² float32, one device): {peak / 1e9:.1f} GFLOP/s  ",
+        f"Peak (2048² float32 matmul with the step's XLA options, one device): {harness.peak_text(peak)}  ",
         "",
         "**jaxbig's training loop** (`scripts/train.py --config C --mesh M`, fresh compilation cache; per-step times from the loop, "
         f"the first {SKIP_STEPS} after the compile step dropped):",
@@ -351,8 +361,10 @@ def main(args, command: str) -> int:
                 print(f"{config}: PyTorch eager peer {' '.join(extra)} ...", flush=True)
                 peers[config].append(torch_peer(config, max(10, steps), extra))
         if args.maxtext_python and config in ("small", "d512"):
-            print(f"{config}: MaxText ...", flush=True)
-            peers[config].append(maxtext_peer(args.maxtext_python, config, 15))
+            jaxbig_xla = compiler_options("auto", "cpu", "float32")  # what jaxbig's float32 step compiles with
+            for xla in (None, jaxbig_xla):  # MaxText as it comes, then with the XLA options jaxbig uses
+                print(f"{config}: MaxText {'with jaxbig XLA options' if xla else 'defaults'} ...", flush=True)
+                peers[config].append(maxtext_peer(args.maxtext_python, config, 15, xla))
     peak = harness.measure_peak()
     load = (load_before, os.getloadavg()[0])
     text = report(runs, cold_warm, hand, peers, peak, command=command, load=load)

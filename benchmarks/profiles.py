@@ -38,8 +38,8 @@ Written by `python scripts/bench.py --profiles` (`benchmarks/profiles.py`): each
 against a baseline (XLA's default options, layers under `lax.scan`), then jaxbig's defaults with
 the options not taken added back; one device, compiled in one process and timed in alternating
 rounds. "loss Δ" is the loss after 3 identical steps minus the baseline's. Options are kept as defaults
-only where they pay here; every one stays switchable in the config. MFU is against the float32
-matmul peak.
+only where they pay here; every one stays switchable in the config. MFU is against a matmul in
+the variant's own compute dtype with its own XLA options (a bf16 row against a bf16 peak).
 """
 BASELINE = "baseline: XLA defaults, scanned layers"
 MODEL_OPTIONS = {  # variant -> overrides, each alone on top of the baseline
@@ -92,6 +92,8 @@ def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> li
                 compiler_options=compiler_options(cfg.compile.xla_profile, backend, cfg.model.compute_dtype(backend)),
             )
             t = time.perf_counter()
+            options = compiler_options(cfg.compile.xla_profile, backend, cfg.model.compute_dtype(backend))
+            peak = harness.measure_peak(cfg.model.compute_dtype(backend), options)  # this variant's dtype and kernels
             compiled[name] = step.lower(state, warm[0]).compile()
             compile_s = time.perf_counter() - t
             for batch in warm:
@@ -100,7 +102,7 @@ def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> li
                 jax.block_until_ready(state)
                 one = max(one, time.perf_counter() - t)  # the slowest variant's warm step sizes the rounds
             states[name] = state
-            rows.append({"variant": name, "compile_s": compile_s, "loss": float(metrics["loss"]), "rates": []})
+            rows.append({"variant": name, "peak": peak, "compile_s": compile_s, "loss": float(metrics["loss"]), "rates": []})
             print(f"  {config} {name}: compiled in {compile_s:.1f} s, loss after 3 steps {rows[-1]['loss']:.6f}", flush=True)
         steps = max(2, round(round_s / one))
         batches = [next(stream) for _ in range(steps)]
@@ -118,7 +120,7 @@ def sweep(config: str, sets: list[str], rounds: int, round_s: float = 4.0) -> li
     return rows
 
 
-def table(rows: list[dict], peak: float) -> list[str]:
+def table(rows: list[dict]) -> list[str]:
     baselines = {r["config"]: r for r in rows if r["variant"] == BASELINE}
     out = [
         "| config | variant | tokens/s | × baseline | model GFLOP/s | MFU | rounds min–max | compile s | loss Δ after 3 steps |",
@@ -129,7 +131,7 @@ def table(rows: list[dict], peak: float) -> list[str]:
         flops = r["median"] * r["flops_per_token"]
         out.append(
             f"| {r['config']} | {r['variant']} | {r['median']:,.0f} | **{r['median'] / default['median']:.3f}** | {flops / 1e9:.1f} "
-            f"| {flops / peak:.3f} | {min(r['rates']):,.0f}–{max(r['rates']):,.0f} | {r['compile_s']:.1f} | {r['loss'] - default['loss']:+.1e} |"
+            f"| {harness.mfu_cell(flops, r['peak'])} | {min(r['rates']):,.0f}–{max(r['rates']):,.0f} | {r['compile_s']:.1f} | {r['loss'] - default['loss']:+.1e} |"
         )
     return out
 
@@ -141,18 +143,17 @@ def main(args, command: str) -> int:
     for config in configs:
         print(f"{config}: compiling every variant, then {args.repeats} alternating rounds ...", flush=True)
         rows += sweep(config, args.set, args.repeats)
-    peak = harness.measure_peak()
     backend = jax.default_backend()
     lines = [
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}  ",
         f"Machine: {harness.machine()}; 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s  ",
+        "MFU: against a 2048² matmul in each variant's compute dtype with its XLA options (measured here)  ",
         f"Method: one device; {args.repeats} alternating rounds of "
         + ", ".join(f"{c}: {next(r['steps'] for r in rows if r['config'] == c)} steps" for c in configs)
         + f"; medians. `compile.xla_profile=auto` on {backend} is `{AUTO.get(backend, {})}` by compute dtype.",
         "",
-        *table(rows, peak),
+        *table(rows),
     ]
     text = "\n".join(lines)
     print(text)

@@ -121,6 +121,9 @@ class LoadResult:
         return float(np.percentile(lat, q)) if lat else float("nan")
 
 
+SWITCH_WAIT_S = 120.0  # the longest a run waits, after the new version is written, for the server to answer with it
+
+
 def run_load(
     clients: list[tuple[str, Callable[[], int | None]]],
     seconds: float,
@@ -132,7 +135,8 @@ def run_load(
 
     `call()` sends one request, checks the answer (raising on a wrong one) and returns the version that answered (or None).
     With `until_version`, the run goes on past `seconds` until that version has answered for a quarter
-    of `seconds` (at most 4 x `seconds` in all), so a slow export cannot end the run before the switch.
+    of `seconds` (waiting at most 4 x `seconds`, or SWITCH_WAIT_S after `during()` returns if that is later), so a
+    slow export or a slow load cannot end the run before the switch.
     """
     latencies = {p: [] for p, _ in clients}
     errors, versions, first_seen = [], collections.Counter(), {}
@@ -155,7 +159,7 @@ def run_load(
                 if version not in first_seen:
                     first_seen[version] = done - t0
                     if version == until_version:
-                        deadline[0] = min(max(t0 + seconds, done + seconds / 4), t0 + 4 * seconds)
+                        deadline[0] = max(t0 + seconds, done + seconds / 4)
 
     if until_version is not None:
         deadline[0] = t0 + 4 * seconds  # shortened to max(seconds, switch + seconds / 4) once the version answers
@@ -165,6 +169,13 @@ def run_load(
     if during is not None:
         time.sleep(seconds * during_at)
         during()
+        with lock:
+            if until_version is not None and until_version not in first_seen:
+                # The switch is timed from the version's arrival, not the run's start: an export slowed by the
+                # load itself (8 clients on a few shared cores) must not leave the server no time to pick it up.
+                # Loading a SavedModel (and replaying its warmup) under that load can take tens of seconds on two
+                # cores; the wait is capped, and ends a quarter of `seconds` after the version first answers.
+                deadline[0] = max(deadline[0], time.perf_counter() + max(seconds, SWITCH_WAIT_S))
     for t in threads:
         t.join()
     newest = max((v for v in versions if v is not None), default=None)

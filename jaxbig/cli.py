@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxbig.config import Config, load_config
+from jaxbig.config import Config, ModelConfig, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,18 +39,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, str | None]:
     return load_config(args.config, overrides, model=model), args.mesh
 
 
-# How a model computes, not what it is: a fine-tune takes these from its own flags, everything else from the run it starts from.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_layers")
-
-
 def init_model_fields(run_dir: str) -> dict:
-    """The model section of the run a fine-tune starts from, less how it computes (`COMPUTE_FIELDS`)."""
+    """The model section of the run a fine-tune starts from, less how it computes and stores its params
+    (`ModelConfig.COMPUTE_FIELDS` and `param_dtype`: the fine-tune's own config decides those)."""
     from jaxbig.checkpoint.run import load_run_config  # JAX and orbax only for the scripts that build a config
 
     if run_dir.startswith("hf:"):
         return {}  # TrainConfig refuses it with the conversion command
     model = dataclasses.asdict(load_run_config(run_dir).model)
-    return {k: v for k, v in model.items() if k not in COMPUTE_FIELDS}
+    return {k: v for k, v in model.items() if k not in (*ModelConfig.COMPUTE_FIELDS, "param_dtype")}
 
 
 def fail(error: Exception | str, code: int = 2) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from jaxbig.xla_options import AUTO_DTYPE, profile_names
+from jaxbig.xla_options import AUTO_ATTENTION, AUTO_DTYPE, profile_names
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype: float32, bfloat16 (params stay float32), or auto: the measured choice per backend (bfloat16 on GPU/TPU)
     param_dtype: str = "float32"  # storage dtype of the params
     remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
-    attention: str = "einsum"  # einsum (written out; fastest on CPU) or dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
+    attention: str = "auto"  # einsum (written out; fastest on CPU), dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), or auto: dot_product on GPU, einsum elsewhere (jaxbig.xla_options.AUTO_ATTENTION)
     scan_layers: bool = False  # false: layers unrolled (fastest at a few layers); true: lax.scan over them (compile time flat in depth)
     init_std: float = 0.02  # std of the normal init of every weight matrix
 
@@ -70,7 +70,7 @@ class ModelConfig:
         _require(self.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={self.dtype!r}: use auto, float32 or bfloat16")
         _require(self.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={self.param_dtype!r}: use float32 or bfloat16")
         _require(self.remat in ("none", "minimal", "dots", "full"), f"model.remat={self.remat!r}: use none, minimal (alias dots) or full")
-        _require(self.attention in ("einsum", "dot_product"), f"model.attention={self.attention!r}: use einsum or dot_product")
+        _require(self.attention in ("auto", "einsum", "dot_product"), f"model.attention={self.attention!r}: use auto, einsum or dot_product")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
         _require(self.rope_scaling in ("none", "linear", "llama3"), f"model.rope_scaling={self.rope_scaling!r}: use none, linear or llama3")
         _require(self.rope_factor > 0, f"model.rope_factor={self.rope_factor} must be positive (1 = no scaling)")
@@ -81,6 +81,17 @@ class ModelConfig:
         )
         _require(self.rope_original_max_len > 0, f"model.rope_original_max_len={self.rope_original_max_len} must be positive")
 
+    # How the model computes, not what its params are: a run may resume, or a fine-tune start, with these changed.
+    COMPUTE_FIELDS = ("dtype", "remat", "attention", "scan_layers")
+
+    def changes_from(self, other: ModelConfig, *, ignore: tuple[str, ...] = COMPUTE_FIELDS) -> list[str]:
+        """`model.FIELD OLD -> NEW` for every field `self` changes from `other`, leaving out `ignore`."""
+        return [
+            f"model.{f.name} {getattr(other, f.name)!r} -> {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
     def compute_dtype(self, backend: str | None = None) -> str:
         """`dtype`, with auto resolved for `backend` (default: JAX's default backend) by `jaxbig.xla_options.AUTO_DTYPE`."""
         if self.dtype != "auto":
@@ -90,6 +101,16 @@ class ModelConfig:
 
             backend = jax.default_backend()
         return AUTO_DTYPE.get(backend, "float32")
+
+    def attention_impl(self, backend: str | None = None) -> str:
+        """`attention`, with auto resolved for `backend` (default: JAX's default backend) by `jaxbig.xla_options.AUTO_ATTENTION`."""
+        if self.attention != "auto":
+            return self.attention
+        if backend is None:
+            import jax  # only to resolve `auto`, as in compute_dtype
+
+            backend = jax.default_backend()
+        return AUTO_ATTENTION.get(backend, "einsum")
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count, from the shapes (no allocation)."""

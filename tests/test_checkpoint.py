@@ -3,7 +3,6 @@ leave the last good checkpoint, and a resume onto another mesh restores the same
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -38,6 +37,35 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
     assert ck.manager.all_steps() == [2, 4, 5] and ck.best_step() == 2
     for step in (2, 4, 5):  # every kept step has its checksums once the saves are done
         assert (tmp_path / "checkpoints" / str(step) / CHECKSUMS).is_file()
+
+
+def test_checksums_are_xxh3_and_older_sha256_steps_still_verify(tmp_path):
+    """New steps record XXH3-128 digests; a step checksummed with sha256 (before) is checked with sha256; both catch a
+    flipped byte that keeps the size."""
+    import hashlib
+    import json
+
+    from jaxbig.checkpoint.integrity import DIGEST, verify, write_checksums
+
+    (tmp_path / "state").mkdir()
+    for i in range(3):
+        (tmp_path / "state" / f"f{i}").write_bytes(np.random.default_rng(i).bytes(100_000 + i))
+    write_checksums(tmp_path)
+    sums = json.loads((tmp_path / CHECKSUMS).read_text())
+    assert set(sums) == {"state/f0", "state/f1", "state/f2"} and all(DIGEST in v and "sha256" not in v for v in sums.values())
+    assert verify(tmp_path) is None
+    old = {rel: {"bytes": v["bytes"], "sha256": hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()} for rel, v in sums.items()}
+    (tmp_path / CHECKSUMS).write_text(json.dumps(old))
+    assert verify(tmp_path) is None
+    for algorithm, sums_now in (("sha256", old), (DIGEST, None)):
+        if sums_now is None:
+            write_checksums(tmp_path)
+        data = bytearray((tmp_path / "state" / "f1").read_bytes())
+        data[500] ^= 0x01
+        (tmp_path / "state" / "f1").write_bytes(bytes(data))
+        assert verify(tmp_path) == f"state/f1 does not match its {algorithm} (corrupted)"
+        data[500] ^= 0x01
+        (tmp_path / "state" / "f1").write_bytes(bytes(data))
 
 
 def _largest_array_file(step_dir):
@@ -183,19 +211,20 @@ def test_a_save_that_fails_on_a_full_disk_says_so_and_keeps_earlier_checkpoints(
 
 @pytest.mark.parametrize("mesh", ["data=2,tensor=2,pipeline=2", "1x1"])
 def test_a_checkpoint_saved_on_4x2_resumes_on_another_mesh(tmp_path, tiny_overrides, text_dir, mesh):
-    """Saved on data 4 x tensor 2; restored on 2x2x2 and on one device: the same params, the same next-step loss."""
+    """Two independent runs (same seed and config) saved on data 4 x tensor 2 at step 4; one resumes on the saving mesh,
+    the other on 2x2x2 or one device: the same params at the restore point, the same next-step loss."""
 
     def cfg(run_dir, spec):
         axes = [f"mesh.{k}={v}" for k, v in parse_mesh_spec(spec).items()]
         return _cfg(tiny_overrides, run_dir, text_dir, "train.steps=5", "train.checkpoint_every=4", "train.log_every=1", *axes)
 
-    ref = tmp_path / "ref"
-    train(cfg(ref, "4x2"), mesh_spec="4x2", progress=False, stop_after=4)
-    other = tmp_path / "other"
-    shutil.copytree(ref, other)
+    ref, other = tmp_path / "ref", tmp_path / "other"
+    for run_dir in (ref, other):  # nothing shared between the two but the seed and the config
+        train(cfg(run_dir, "4x2"), mesh_spec="4x2", progress=False, stop_after=4)
     train(cfg(ref, "4x2"), mesh_spec="4x2", progress=False)  # step 5 on the saving mesh
     summary = train(cfg(other, mesh), mesh_spec=mesh, progress=False)
     assert summary["start_step"] == 4
+    # One compiled program run twice on the same inputs (tests/numerics.py): bit for bit.
     _, _, saved, _ = load_params(ref, step=4)
     _, _, restored, _ = load_params(other, step=4)
     jax.tree.map(np.testing.assert_array_equal, saved, restored)

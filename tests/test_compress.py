@@ -135,3 +135,50 @@ def test_int8_dynamic_stores_int8_and_requantizes_exactly():
         scale = _absmax_scale(w, rule.reduce_axes)
         np.testing.assert_array_equal(np.asarray(_to_int8(w, scale, rule.reduce_axes)), dynamic[path]["q"], err_msg=path)
         np.testing.assert_allclose(np.expand_dims(np.asarray(scale), rule.reduce_axes), dynamic[path]["scale"], rtol=1e-6)
+
+
+def test_int8_dynamic_matmuls_take_the_stored_int8_and_scale():
+    """The W8A8 einsum with an `Int8Weight` is the integer product of the row-quantized activations and the *stored*
+    int8 weight, times the two scales (checked against int64 numpy, exact up to the final float32 rescale); the
+    exported forward feeds every matmul weight's int8 leaf straight into an int8 dot: the only int8 -> float32
+    conversion left in it is the embedding's (a gather), none per weight per call."""
+    import jax
+    from flax import nnx
+
+    from jaxbig.compress.quantize import Int8Weight, weight_operand
+    from jaxbig.config import ModelConfig
+    from jaxbig.export.artifact import flatten_params, make_forward, to_leaves
+    from jaxbig.models import create_model
+
+    rng = np.random.default_rng(3)
+    x, w = rng.normal(size=(2, 5, 8)).astype(np.float32), rng.normal(size=(2, 8, 12)).astype(np.float32)
+    entry = quantize_params({"blocks/mlp/w_gate_DF": w}, "int8-dynamic", llama_rules())["blocks/mlp/w_gate_DF"]
+    op = weight_operand("blocks/mlp/w_gate_DF", entry, "int8-dynamic", llama_rules())
+    assert isinstance(op, Int8Weight) and op[...] is op
+    got = np.asarray(dynamic_int8_einsum("LTD,LDF->LTF", x, op))
+    sx = np.asarray(_absmax_scale(x, (2,)))
+    qx = np.asarray(_to_int8(x, jnp.asarray(sx), (2,))).astype(np.int64)
+    acc = np.einsum("ltd,ldf->ltf", qx, entry["q"].astype(np.int64))
+    want = acc * sx[..., None] * entry["scale"]  # float64 rescale of the exact integer sums
+    np.testing.assert_allclose(got, want, rtol=4 * 2.0**-24, atol=0)  # two float32 roundings: the scale product, the rescale
+    assert not isinstance(weight_operand("embed_VD", entry, "int8-dynamic", llama_rules()), Int8Weight)  # a gather: dequantized
+
+    cfg = ModelConfig(d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=32, max_seq_len=16, dtype="float32")
+    graphdef, state = nnx.split(create_model(cfg, 0))
+    leaves = to_leaves(quantize_params(flatten_params(nnx.to_pure_dict(state)), "int8-dynamic", llama_rules()))
+    names, arrays = [n for n, _ in leaves], [jnp.asarray(a) for _, a in leaves]
+    jaxpr = jax.make_jaxpr(make_forward(graphdef, names, "int8-dynamic"))(arrays, jnp.zeros((1, 4), jnp.int32))
+
+    def eqns(j):
+        for e in j.eqns:
+            yield e
+            for v in e.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                        yield from eqns(getattr(sub, "jaxpr", sub))
+
+    all_eqns = list(eqns(jaxpr.jaxpr))
+    widen = [e for e in all_eqns if e.primitive.name == "convert_element_type" and e.invars[0].aval.dtype == jnp.int8 and e.outvars[0].aval.dtype == jnp.float32]
+    int8_dots = [e for e in all_eqns if e.primitive.name == "dot_general" and all(v.aval.dtype == jnp.int8 for v in e.invars)]
+    assert len(widen) == 1, [str(e) for e in widen]  # the embedding table's dequantize
+    assert len(int8_dots) == 7 + 1  # q, k, v, o, gate, up, down in the layers' scan body (traced once), and the head

@@ -62,6 +62,12 @@ def test_same_loss_grads_and_train_step():
         assert_close(g, r, n_bwd, err_msg=name)
         grad_tols[name] = tolerance(n_bwd, float(jnp.abs(r).max()))
 
+    # The like-for-like baseline (benchmarks/harness.py): the same model with jaxbig's attention op and backward.
+    like = jax.jit(jax.value_and_grad(handwritten.loss_fn), static_argnums=(1, 4))(params, cfg.model, batch["inputs"], batch["targets"], True)
+    assert_close(like[0], ref_loss, n_fwd, err_msg="like-for-like loss")
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(like[1]), jax.tree.leaves(ref_grads)):
+        assert_close(g, r, n_bwd, err_msg=f"like-for-like {jax.tree_util.keystr(path)}")
+
     params, _, metrics = handwritten.make_step(cfg.model, tx)(params, tx.init(params), batch["inputs"], batch["targets"])
     assert_close(metrics["loss"], ref_metrics["loss"], n_fwd, err_msg="step loss")
     assert jax.tree.structure(params) == jax.tree.structure(ref_state.params)

@@ -699,3 +699,41 @@ def test_batches_pad_to_allowed_sizes():
     assert [padded_size(r, BatchingParameters(max_batch_size=6, allowed_batch_sizes=(3, 6))) for r in (1, 3, 4)] == [3, 3, 6]
     with pytest.raises(ConfigError, match=r"allowed_batch_sizes=\[2, 4\] must increase strictly and end at max_batch_size=8"):
         BatchingParameters(allowed_batch_sizes=(2, 4))
+
+
+def _as_float32(doc):
+    if isinstance(doc, float):
+        return float(np.float32(doc))
+    if isinstance(doc, list):
+        return [_as_float32(v) for v in doc]
+    if isinstance(doc, dict):
+        return {k: _as_float32(v) for k, v in doc.items()}
+    return doc
+
+
+def test_predict_json_written_by_orjson_means_what_tf_serving_writes():
+    """Response bodies (orjson, numpy arrays written directly) parse to the same values, in the same structure, as the
+    `tolist` + `json` body did; every float32 comes back bit for bit; NaN and Infinity stay bare (TF Serving's
+    WriteDecimal), written by `json`; whole numbers keep their ".0" (WriteDecimal adds it)."""
+    from jaxbig.serve.json_tensors import COLUMNAR, ROW, format_predict
+
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(3, 4, 5)) * 10.0 ** rng.integers(-30, 30, size=(3, 4, 5))).astype(np.float32)
+    logits[0, 0, :3] = [1.0, -0.0, 0.1]
+    tokens = rng.integers(0, 256, size=(3, 6)).astype(np.int32)
+    for outputs in ({"logits": logits}, {"logits": logits, "tokens": tokens}):
+        for fmt in (ROW, COLUMNAR):
+            body = format_predict(outputs, fmt)
+            lists = {k: v.tolist() for k, v in outputs.items()}
+            if fmt == COLUMNAR:
+                old = {"outputs": lists["logits"] if len(outputs) == 1 else lists}
+            else:
+                old = {"predictions": lists["logits"] if len(outputs) == 1 else [{k: lists[k][i] for k in outputs} for i in range(3)]}
+            assert _as_float32(json.loads(body)) == old, (fmt, list(outputs))  # the same float32 values (JSON has float64)
+            doc = json.loads(body)
+            got = doc["outputs"] if fmt == COLUMNAR else doc["predictions"]
+            got_logits = got if len(outputs) == 1 else (got["logits"] if fmt == COLUMNAR else [row["logits"] for row in got])
+            np.testing.assert_array_equal(np.asarray(got_logits, np.float32).view(np.int32), logits.view(np.int32))
+    assert b"[1.0,-0.0,0.1," in format_predict({"logits": logits}, COLUMNAR)  # shortest round trip; whole numbers with .0
+    special = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+    assert format_predict({"logits": special}, ROW) == b'{"predictions":[[NaN,Infinity,-Infinity,1.5]]}'

@@ -3,7 +3,7 @@
 Layout of `<run_dir>/checkpoints/<step>/`:
   state/            the TrainState (params, optimizer state, step), orbax StandardSave, sharded
   data/             the grain iterator's state, one JSON per process (grain's orbax handler)
-  checksums.json    sha256 of every file above, written once orbax has committed the step
+  checksums.json    XXH3-128 digest of every file above, written once orbax has committed the step
 
 orbax writes each step under a temporary name and renames it when complete (atomic commit), so
 a killed run never leaves a half checkpoint that looks complete. `checksums.json` adds what

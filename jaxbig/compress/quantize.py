@@ -19,12 +19,12 @@ rules below are the same idea (regex over module paths, absmax per channel) in ~
 same bytes); the difference is the math. The exported function runs every weight matmul as
 `dynamic_int8_einsum` (via `jaxbig.models.llama.use_dense`): activations are quantized to int8
 per row at run time, the matmul accumulates int8 x int8 in int32, and the result is rescaled by
-the two scales. The weight it receives is the dequantized `q * scale`; re-quantizing that with
-the same per-output-channel absmax gives back exactly the stored `q` (the channel's largest |q|
-is 127, so the recomputed scale equals `scale` to within an ulp and every `q * scale / scale'`
-rounds back to `q`; tests/test_compress.py checks it), so the int8 matmul runs on the stored
-integers. XLA folds the dequantize/re-quantize pair into the weight path; the win on int8-capable
-hardware is the int8 x int8 -> int32 dot.
+the activation scale and the *stored* weight scale. The matmul weights reach it as `Int8Weight`
+(the stored int8 array and its scale, `weight_operand`), so no weight is dequantized or
+re-quantized per call: the weights are runtime arguments of the exported function, and XLA could
+not fold such a pair away. The embedding (a gather) is dequantized as for `int8`; with tied
+embeddings the head then gets that float weight and re-quantizes it (exactly back to the stored
+int8, tests/test_compress.py checks it).
 """
 
 from __future__ import annotations
@@ -54,13 +54,14 @@ DYNAMIC_METHODS = ("int8-dynamic",)  # methods whose exported matmuls also quant
 class QuantRule:
     pattern: str  # regex, matched with re.fullmatch against the '/'-joined param path
     reduce_axes: tuple[int, ...]  # axes the absmax runs over (the contraction axes); one scale per remaining index
+    gather: bool = False  # looked up by row (the embedding), not a matmul operand: dequantized even for int8-dynamic
 
 
 def llama_rules(num_layer_axes: int = 1) -> tuple[QuantRule, ...]:
     """Rules for `jaxbig.models.llama.Llama`; block params carry `num_layer_axes` leading layer axes."""
     s = num_layer_axes
     return (
-        QuantRule(pattern=r"embed_VD", reduce_axes=(1,)),  # per vocab row (a gather, not a matmul)
+        QuantRule(pattern=r"embed_VD", reduce_axes=(1,), gather=True),  # per vocab row (a gather, not a matmul)
         QuantRule(pattern=r"lm_head_DV", reduce_axes=(0,)),  # per vocab column
         QuantRule(pattern=r"blocks/attn/w[qkv]_D[HN]K", reduce_axes=(s,)),  # over D: per layer, head, k
         QuantRule(pattern=r"blocks/attn/wo_HKD", reduce_axes=(s, s + 1)),  # over H, K: per layer, d
@@ -117,6 +118,34 @@ def dequantize(entry: dict[str, Any], reduce_axes: tuple[int, ...] = ()) -> Any:
     return entry["q"].astype(jnp.float32) * entry["scale"]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """A stored int8 matmul weight and its scale, passed to `dynamic_int8_einsum` as they are (no dequantize).
+
+    Stands where the float weight would in the model's params: `param[...]` (how the model reads a weight) returns
+    it unchanged, and under `lax.scan` over layers both arrays are sliced along their leading layer axis.
+    """
+
+    q: jax.Array  # int8, the weight's shape
+    scale: jax.Array  # float32, the weight's shape with the contracted axes kept as size 1
+
+    def __getitem__(self, key):
+        if key is not Ellipsis:
+            raise TypeError(f"an Int8Weight is read whole (param[...]), not indexed with {key!r}")
+        return self
+
+
+def weight_operand(path: str, entry: dict[str, Any], method: str, rules: tuple[QuantRule, ...]) -> Any:
+    """What the exported function passes to the model for one `quantize_params` entry: for `DYNAMIC_METHODS`, a
+    matmul weight's stored int8 and scale as an `Int8Weight`; otherwise (and for gathered weights) `dequantize`,
+    which needs the rule's `reduce_axes` for int4."""
+    rule = rule_for(path, rules)
+    if method in DYNAMIC_METHODS and "q" in entry and rule is not None and not rule.gather:
+        return Int8Weight(entry["q"], entry["scale"])
+    return dequantize(entry, getattr(rule, "reduce_axes", ()))  # an int4 weight's contracted axes say how to unpack it
+
+
 def _absmax_scale(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """float32 absmax / 127 over `axes` (dropped); 1 where the slice is all zero."""
     absmax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=axes)
@@ -132,7 +161,8 @@ def dynamic_int8_einsum(spec: str, x: jax.Array, w: jax.Array, *, preferred_elem
 
     The contracted letters are those in both operands and not in the output. `x` is quantized
     symmetrically per row (one absmax scale per index of its non-contracted letters: per token),
-    `w` per output channel (absmax over its contracted letters, as `llama_rules` stores it).
+    `w` per output channel (absmax over its contracted letters, as `llama_rules` stores it); an `Int8Weight` brings
+    its stored int8 values and scale, used as they are.
     Each element is rounded by at most half its scale, so with n contracted terms
     |y - y_float| <= (|x| . s_w + s_x . |w|) / 2 + n s_x s_w / 4 elementwise.
     Returns `preferred_element_type`, or x's dtype when None (the contract of `llama.dense`).
@@ -142,8 +172,15 @@ def dynamic_int8_einsum(spec: str, x: jax.Array, w: jax.Array, *, preferred_elem
     contracted = [c for c in xs if c in ws and c not in out]
     x_axes = tuple(xs.index(c) for c in contracted)
     w_axes = tuple(ws.index(c) for c in contracted)
-    sx, sw = _absmax_scale(x, x_axes), _absmax_scale(w, w_axes)
-    acc = jnp.einsum(spec, _to_int8(x, sx, x_axes), _to_int8(w, sw, w_axes), preferred_element_type=jnp.int32)
+    sx = _absmax_scale(x, x_axes)
+    if isinstance(w, Int8Weight):  # the stored integers and scale, straight into the int8 dot
+        if w.scale.shape != tuple(1 if a in w_axes else w.q.shape[a] for a in range(w.q.ndim)):
+            raise ValueError(f"{spec}: the weight's scale {w.scale.shape} is not per output channel of {w.q.shape} (contracted axes {w_axes})")
+        qw, sw = w.q, jnp.squeeze(w.scale, w_axes)
+    else:
+        sw = _absmax_scale(w, w_axes)
+        qw = _to_int8(w, sw, w_axes)
+    acc = jnp.einsum(spec, _to_int8(x, sx, x_axes), qw, preferred_element_type=jnp.int32)
     xs_kept, ws_kept = "".join(c for c in xs if c not in contracted), "".join(c for c in ws if c not in contracted)
     scale_out = jnp.einsum(f"{xs_kept},{ws_kept}->{out}", sx, sw)  # outer product (elementwise on shared batch letters)
     return (acc.astype(jnp.float32) * scale_out).astype(preferred_element_type or x.dtype)

@@ -4,9 +4,10 @@ Params are *arguments* (a flat list of arrays named by a path manifest), never c
 constants: the serialized module stays small, the same module serves float32 and quantized
 weights' shapes, and TF stores the leaves as variables. Quantized leaves are dequantized
 inside the function (`q.astype(f32) * scale`) right before the model's matmuls run. For
-`int8-dynamic` the function is traced under `use_dense(dynamic_int8_einsum)`: each weight matmul
-re-quantizes that weight (exactly back to its stored int8) and its activations per row, and
-multiplies int8 x int8 -> int32 (see `jaxbig.compress.quantize`).
+`int8-dynamic` the function is traced under `use_dense(dynamic_int8_einsum)` and the matmul weights
+reach it as `Int8Weight`s: each weight matmul takes the stored int8 weight and its scale as they
+are, quantizes its activations per row, and multiplies int8 x int8 -> int32 (see
+`jaxbig.compress.quantize`).
 
 Artifact files (in the export's version directory):
   jax/forward.jax_exported   serialized `Exported`: (leaves, tokens_BT) -> logits_BTV
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax import export
 
-from jaxbig.compress.quantize import DYNAMIC_METHODS, dequantize, dynamic_int8_einsum, llama_rules, rule_for
+from jaxbig.compress.quantize import DYNAMIC_METHODS, dynamic_int8_einsum, llama_rules, weight_operand
 from jaxbig.config import ModelConfig
 from jaxbig.models.decode import sample_logits
 from jaxbig.models.llama import init_cache, use_dense
@@ -64,13 +65,13 @@ def to_leaves(qparams: dict[str, dict[str, np.ndarray]]) -> Leaves:
     return leaves
 
 
-def _params_from_leaves(names: list[str], arrays) -> dict:
+def _params_from_leaves(names: list[str], arrays, quantize: str = "none") -> dict:
     entries: dict[str, dict[str, Any]] = {}
     for name, arr in zip(names, arrays, strict=True):
         path, _, role = name.partition(".")
         entries.setdefault(path, {})[role or "w"] = arr
-    rules = llama_rules()  # the rules the export quantized by: an int4 weight's contracted axes say how to unpack it
-    return _unflatten({path: dequantize(e, getattr(rule_for(path, rules), "reduce_axes", ())) for path, e in entries.items()})
+    rules = llama_rules()
+    return _unflatten({path: weight_operand(path, e, quantize, rules) for path, e in entries.items()})
 
 
 def dense_fn(quantize: str):
@@ -80,7 +81,7 @@ def dense_fn(quantize: str):
 
 def make_forward(graphdef: nnx.GraphDef, names: list[str], quantize: str = "none"):
     def forward(leaves, tokens_BT):
-        model = nnx.merge(graphdef, _params_from_leaves(names, leaves))
+        model = nnx.merge(graphdef, _params_from_leaves(names, leaves, quantize))
         with use_dense(dense_fn(quantize)):  # read while tracing, so it lands in the exported module
             return model(tokens_BT)
 
@@ -102,7 +103,7 @@ def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str], qu
             return _generate(leaves, prompt_BP, max_new_tokens, temperature, seed)
 
     def _generate(leaves, prompt_BP, max_new_tokens, temperature, seed):
-        model = nnx.merge(graphdef, _params_from_leaves(names, leaves))
+        model = nnx.merge(graphdef, _params_from_leaves(names, leaves, quantize))
         B, P = prompt_BP.shape
         key = jax.random.key(seed)
         cache = init_cache(cfg, B, S)

@@ -41,7 +41,7 @@ from jaxbig.checkpoint.run import IMPORTED_FILE as IMPORTED
 from jaxbig.checkpoint.run import abstract_params
 from jaxbig.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxbig.data import run_tokenizer
-from jaxbig.data.tokenizer import to_hf
+from jaxbig.data.tokenizer import HFTokenizer, to_hf
 from jaxbig.interop.hf_config import InteropError, architecture_of, hf_config_for, model_config_from_hf, read_json
 from jaxbig.interop.hf_weights import IGNORED_SUFFIXES, Entry, hf_names, hf_shape, layer_to_hf, param_map, read_slice
 from jaxbig.models import Params
@@ -197,16 +197,17 @@ def _check_dest(dest: Path, overwrite: bool, flag: str) -> None:
         raise InteropError(f"{dest} already exists; choose another {flag} or pass --overwrite to replace it")
 
 
-def check_tokenizer(path: Path) -> None:
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """`path` holds a readable tokenizer.json whose ids the model can embed."""
     file = path / "tokenizer.json"
     if not file.is_file():
         raise InteropError(f"{file} not found: the model's tokenizer is missing; copy tokenizer.json into {path} (save_pretrained writes it)")
-    from tokenizers import Tokenizer  # noqa: PLC0415  (import-time cost only for conversions)
-
     try:
-        Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust parser raises a plain Exception for bad JSON or an unknown model
-        raise InteropError(f"{file} is not a readable tokenizer.json ({str(e)[:200]})") from None
+        tokenizer = HFTokenizer.load(path)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
+    if tokenizer.vocab_size > vocab_size:
+        raise InteropError(f"{file} has {tokenizer.vocab_size} tokens but config.json's vocab_size is {vocab_size}; the model cannot embed them")
 
 
 def import_hf(src: str | Path, run_dir: str | Path, *, mesh: Mesh, param_dtype: str = "float32", overwrite: bool = False) -> Config:
@@ -215,7 +216,7 @@ def import_hf(src: str | Path, run_dir: str | Path, *, mesh: Mesh, param_dtype: 
     ckpt = HFCheckpoint(src)
     model = ckpt.model_config(param_dtype)
     ckpt.check(model)
-    check_tokenizer(src)
+    check_tokenizer(src, model.vocab_size)
     _check_dest(run_dir, overwrite, "--run_dir")
     cfg = Config(
         model=model,
@@ -337,12 +338,15 @@ def export_hf(
     tokenizer = None
     if tokenizer_dir is None and not (run_dir / "tokenizer.json").is_file():
         # A run jaxbig trained: its tokenizer (bytes, SentencePiece or a prepared set's tokenizer.json) as tokenizer.json
-        tokenizer = to_hf(run_tokenizer(cfg, run_dir))
+        try:
+            tokenizer = to_hf(run_tokenizer(cfg, run_dir))
+        except ValueError as e:  # a SentencePiece run: no exact tokenizer.json form
+            raise InteropError(f"run_dir {str(run_dir)!r}: its tokenizer cannot be exported ({e}); pass tokenizer_dir") from None
         if base is None:
             hf_config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)) if v is not None})
     else:
         tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else run_dir
-        check_tokenizer(tokenizer_dir)
+        check_tokenizer(tokenizer_dir, cfg.model.vocab_size)
     _check_dest(out, overwrite, "--out")
     _, _, params, step = load_params(run_dir, step)
 

@@ -217,7 +217,7 @@ class Attention(nnx.Module):
             self.v_bias_NK = nnx.Param(jnp.zeros((N, K), pd), out_sharding=("kv_heads", "head_dim"))
         self.qkv_bias = cfg.qkv_bias
         self.cfg = cfg  # static: RoPE's frequencies are computed from it at trace time
-        self.attention = cfg.attention
+        self.attention = cfg.attention_impl()  # auto resolved for the backend
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
         dt = x_BTD.dtype

@@ -27,7 +27,7 @@ from jaxbig.parallel.mesh import make_mesh
 from jaxbig.parallel.pipeline import bubble_fraction, num_microbatches
 from jaxbig.runtime import seconds_since_process_start
 from jaxbig.train import metrics as metrics_lib
-from jaxbig.train.setup import build
+from jaxbig.train.setup import build, tokenizer_of
 from jaxbig.train.step import mean_loss
 from jaxbig.xla_options import cache_stats, enable_compilation_cache
 
@@ -48,14 +48,11 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
                 path.unlink()
     saved = run_dir / CONFIG_FILE
     if saved.exists():
-        old = load_run_config(run_dir)
-        was, now = _params_of(old.model), _params_of(cfg.model)
-        if was != now:
-            diff = {k: (getattr(was, k), getattr(now, k)) for k in dataclasses.asdict(now) if getattr(was, k) != getattr(now, k)}
+        changes = cfg.model.changes_from(load_run_config(run_dir).model)
+        if changes:
             raise ConfigError(
-                f"run_dir {str(run_dir)!r} holds a run of a different model (changed: "
-                + ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + "); pass --fresh to start over there, or choose another --run_dir"
+                f"run_dir {str(run_dir)!r} holds a run of a different model (changed: {', '.join(changes)}); "
+                "pass --fresh to start over there, or choose another --run_dir"
             )
     if is_main:  # written atomically: other processes may be reading it for the check above
         try:
@@ -65,14 +62,6 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = Tr
             tmp.replace(saved)
         except OSError as e:
             raise ConfigError(f"run_dir {str(run_dir)!r} is not writable ({e.strerror or e}); choose a writable --run_dir") from None
-
-
-# How a model is computed, not what its params are: a run may resume with any of these changed.
-COMPUTE_OPTIONS = {"dtype": "float32", "remat": "none", "attention": "einsum", "scan_layers": True}
-
-
-def _params_of(model):
-    return dataclasses.replace(model, **COMPUTE_OPTIONS)
 
 
 def train(
@@ -90,7 +79,7 @@ def train(
 
     # --- mesh, data, model and optimizer --------------------------------------------------------
     prepared = PreparedData(cfg.data.prepared) if cfg.data.prepared else None
-    tokenizer = prepared.tokenizer if prepared else ByteTokenizer()
+    tokenizer = tokenizer_of(cfg)
     mesh = make_mesh(cfg.mesh, spec=mesh_spec)
     # Every check, the optimizer, the state's layout and the jitted steps (jaxbig.train.setup, which the
     # planner shares); a bad layout or XLA profile fails here, before anything is allocated or the run dir touched.
@@ -98,7 +87,8 @@ def train(
     corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
     _prepare_run_dir(cfg, run_dir, fresh, is_main)
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    peak = metrics_lib.machine_peak_flops()  # outside the mesh context: it runs on one device
+    # Outside the mesh context (it runs on one device); in the compute dtype, with the step's XLA options.
+    peak = metrics_lib.machine_peak_flops(cfg.model.compute_dtype(), compiler_options=run.compiler_options)
 
     with run.context():
         abstract = run.abstract
@@ -223,7 +213,8 @@ def train(
         compile_s=summary["first_call_s"] - step_s if step_s and "first_call_s" in summary else None,
         compilation_cache=dict(cache_stats, dir=str(cache_dir)) if cache_dir else None,
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
-        mfu=float(np.median(clock.rates)) * flops_per_token / peak if clock.rates else None,
+        mfu=metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None,
+        peak_flops=peak,  # per compute dtype: measured on CPU, published for known GPUs/TPUs, None (no MFU) otherwise
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
     )
@@ -235,7 +226,7 @@ def train(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         say(
             f"done: eval_loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} nats/token | "
-            f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {summary['mfu'] or 0:.3f} | "
+            f"median {summary['tokens_per_sec'] or 0:,.0f} tokens/s, MFU {"n/a" if summary["mfu"] is None else format(summary["mfu"], ".3f")} | "
             f"first step {summary.get('time_to_first_step_s') or summary.get('first_step_s', 0):.1f}s after start | {summary['wall_s']:.0f}s total | checkpoints in {run_dir}/checkpoints"
         )
     return summary
@@ -269,7 +260,7 @@ class _Throughput:
         rate = (step - self._step) * self.tokens_per_step / busy
         self.rates.append(rate)
         self.mark(step)
-        return {"tokens_per_sec": rate, "mfu": rate * self.flops_per_token / self.peak}
+        return {"tokens_per_sec": rate, "mfu": metrics_lib.mfu(rate, self.flops_per_token, self.peak)}
 
 
 def _host_mean(x: jax.Array) -> float:

@@ -1,4 +1,4 @@
-"""Throughput, MFU against a measured matmul peak, and the metric sinks (console, JSONL, TensorBoard)."""
+"""Throughput, MFU against the peak for the compute dtype (measured on CPU, published for GPUs/TPUs), and the metric sinks (console, JSONL, TensorBoard)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,35 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# Published dense peak FLOP/s per chip, by `jax.Device.device_kind` and compute dtype. Sparsity figures are halved
+# back to dense. float32 matmuls on GPUs at JAX's default precision may run on TF32 tensor cores, so their peak is the
+# TF32 one (the larger: an MFU against the plain-FP32 peak could exceed 1); on TPUs float32 matmuls at default
+# precision run as one bfloat16 pass on the MXU, so their peak is bfloat16's. A device not listed gets no MFU.
+PUBLISHED_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    # NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS, TF32 156 TFLOPS (SXM4 and PCIe alike).
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
+    "NVIDIA A100-PCIE-40GB": {"bfloat16": 312e12, "float32": 156e12},
+    "NVIDIA A100 80GB PCIe": {"bfloat16": 312e12, "float32": 156e12},
+    # NVIDIA H100 Tensor Core GPU datasheet: SXM5 BF16 1,979 / TF32 989 TFLOPS with sparsity, so 989.5 / 494.5 dense.
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.5e12, "float32": 494.5e12},
+    # NVIDIA H200 Tensor Core GPU datasheet: the H100 SXM's compute (BF16 1,979 / TF32 989 TFLOPS with sparsity).
+    "NVIDIA H200": {"bfloat16": 989.5e12, "float32": 494.5e12},
+    # NVIDIA L4 datasheet: BF16 242 / TF32 120 TFLOPS with sparsity, so 121 / 60 dense.
+    "NVIDIA L4": {"bfloat16": 121e12, "float32": 60e12},
+    # Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): bf16 peak per chip.
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},  # v5p
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},  # v6e (Trillium)
+}
 
 
 def _cache_path() -> Path:
@@ -18,18 +43,23 @@ def _cache_path() -> Path:
     return root / "matmul_peak.json"
 
 
-def _machine_key(device: jax.Device, dtype: str, n: int) -> str:
-    return f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|jax{jax.__version__}|{dtype}|{n}"
+def _machine_key(device: jax.Device, dtype: str, n: int, options: dict[str, Any]) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|jax{jax.__version__}|{dtype}|{n}|{opts}"
 
 
-def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5, use_cache: bool = True) -> float:
-    """Best observed FLOP/s of one n x n matmul on this process's first device (cached per machine).
+def measure_matmul_peak(
+    n: int = 2048, dtype: str = "float32", repeats: int = 5, use_cache: bool = True, compiler_options: dict[str, Any] | None = None
+) -> float:
+    """Best observed FLOP/s of one n x n matmul in `dtype` on this process's first device (cached per machine).
 
-    On CPU all emulated devices share the same cores, so this one-device figure is the whole
-    machine's peak; on accelerators the machine's peak is this times the device count.
+    `compiler_options`: the XLA options the measured step compiles with (on CPU they pick the matmul library:
+    YNNPACK, oneDNN or Eigen), so the peak is that of the kernels the step can use. On CPU all emulated
+    devices share the same cores, so this one-device figure is the whole machine's peak.
     """
+    options = dict(compiler_options or {})
     device = jax.local_devices()[0]  # in a multi-process job jax.devices()[0] may be another process's
-    key = _machine_key(device, dtype, n)
+    key = _machine_key(device, dtype, n, options)
     cache = _cache_path()
     if use_cache and cache.is_file():
         try:
@@ -39,7 +69,7 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5,
         except (OSError, ValueError):
             pass
     a = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: x @ x, compiler_options=options or None)
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -58,10 +88,26 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5,
     return peak
 
 
-def machine_peak_flops(devices: list[jax.Device] | None = None, **kw) -> float:
+def machine_peak_flops(
+    dtype: str = "float32", devices: list[jax.Device] | None = None, *, compiler_options: dict[str, Any] | None = None, **kw
+) -> float | None:
+    """The peak FLOP/s of `devices` (default: all) computing in `dtype`, or None where it is not known.
+
+    CPU: measured, a matmul in `dtype` with the step's `compiler_options` (all emulated devices share the cores, so one
+    device's figure is the machine's). GPU/TPU: `PUBLISHED_PEAK_FLOPS` for the device kind times the device count;
+    a device kind not in the table gives None (MFU is then not reported rather than guessed).
+    """
     devices = jax.devices() if devices is None else devices
-    per_device = measure_matmul_peak(**kw)
-    return per_device if devices[0].platform == "cpu" else per_device * len(devices)
+    device = devices[0]
+    if device.platform == "cpu":
+        return measure_matmul_peak(dtype=dtype, compiler_options=compiler_options, **kw)
+    per_device = PUBLISHED_PEAK_FLOPS.get(device.device_kind, {}).get(dtype)
+    return None if per_device is None else per_device * len(devices)
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation, or None without a known peak."""
+    return None if peak is None else tokens_per_sec * flops_per_token / peak
 
 
 class MetricsWriter:
@@ -103,6 +149,6 @@ def _py(v):
 def format_record(step: int, record: dict[str, float]) -> str:
     parts = [f"step {step:>6d}"]
     for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f"), ("mfu", ".3f"), ("skipped_steps", ".0f")):
-        if key in record:
+        if record.get(key) is not None:
             parts.append(f"{key} {format(record[key], fmt)}")
     return " | ".join(parts)

@@ -25,11 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxbig.checkpoint.run import IMPORTED_FILE, abstract_params, checkpoint_steps, load_run_config
 from jaxbig.compress.distill import make_distill_loss, teacher_config
-from jaxbig.config import Config, ConfigError
+from jaxbig.config import Config, ConfigError, ModelConfig
 from jaxbig.data.pipeline import batch_sharding, check_batch_divides
-from jaxbig.data.prepare import PreparedData
 from jaxbig.data.run import run_tokenizer
-from jaxbig.data.tokenizer import ByteTokenizer
 from jaxbig.models import Params, logical_axes
 from jaxbig.models.layers import LayerRunner
 from jaxbig.optim import check_accumulation, check_mesh, optimizer_for, uses_data_parallel_step
@@ -45,8 +43,8 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def tokenizer_of(cfg: Config):
-    """The run's tokenizer: the prepared data's (`data.prepared`), else bytes."""
-    return PreparedData(cfg.data.prepared).tokenizer if cfg.data.prepared else ByteTokenizer()
+    """The run's tokenizer (`jaxbig.data.run_tokenizer`): the prepared data's (`data.prepared`), else bytes."""
+    return run_tokenizer(cfg, cfg.train.run_dir)
 
 
 def xla_options_for(cfg: Config, mesh: Mesh) -> dict[str, Any] | None:
@@ -91,21 +89,16 @@ def check_run(cfg: Config, mesh: Mesh, tokenizer=None) -> None:
         )
 
 
-# How a model computes, not what its params are: a fine-tune may change these from the run it starts from.
-_COMPUTE = {"dtype": "float32", "param_dtype": "float32", "remat": "none", "attention": "einsum", "scan_layers": True}
-
-
 def check_init_from(cfg: Config, tokenizer) -> None:
     """`train.init_from` names a run with a checkpoint, of this model, whose tokenizer is the data's."""
     src = cfg.train.init_from
     source = load_run_config(src)
     if not checkpoint_steps(src):
         raise ConfigError(f"train.init_from={src!r} has no checkpoints; train or import (scripts/convert.py) it first")
-    was, now = dataclasses.replace(source.model, **_COMPUTE), dataclasses.replace(cfg.model, **_COMPUTE)
-    if was != now:
-        diff = [f"model.{k} {getattr(was, k)!r} -> {getattr(now, k)!r}" for k in dataclasses.asdict(now) if getattr(was, k) != getattr(now, k)]
+    changes = cfg.model.changes_from(source.model, ignore=(*ModelConfig.COMPUTE_FIELDS, "param_dtype"))
+    if changes:
         raise ConfigError(
-            f"train.init_from={src!r} is a different model (changed: {', '.join(diff)}); drop those --set/--config model "
+            f"train.init_from={src!r} is a different model (changed: {', '.join(changes)}); drop those --set/--config model "
             "fields (--init_from takes the model from the run)"
         )
     theirs = run_tokenizer(source, src)
