@@ -62,10 +62,13 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,export,serve]'
+	$(PY) -m pip install --quiet -e '.[dev,export,serve,onnx]'
 	@# tensorflow-serving-api requires the full `tensorflow` wheel, which would overwrite tensorflow-cpu;
 	@# its protos (PredictionLog for warmup records, PredictionService) need only what is installed already.
 	$(PY) -m pip install --quiet --no-deps 'tensorflow-serving-api==2.21.*'
+	@# jax2onnx pins orbax-checkpoint<0.11.37 while jaxbig needs >=0.12, and asks for equinox, dm-pix, netron and
+	@# orbax-export for optional plugins; the `onnx` extra has what the converter needs (pyproject.toml).
+	$(PY) -m pip install --quiet --no-deps 'jax2onnx==0.17.*'
 	@touch $(STAMP)
 
 clean-venv:

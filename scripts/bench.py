@@ -19,10 +19,11 @@ with 0 and 2 workers against what training consumes, step time waiting on data, 
 blocked per async save, and save/restore throughput against a plain copy; writes the
 `bench:data` section.
 
-    python scripts/bench.py --serving [--seconds 30] [--clients 8]
+    python scripts/bench.py --serving [--seconds 30] [--clients 8] [--runtimes tf onnx]
 
 The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
-and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
+and throughput over REST and gRPC, batched and unbatched, on the TF runtime and ONNX Runtime (float32
+version 1, int8 version 2 arriving mid-run), with a version switch mid-run, and the
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 
     python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
+    parser.add_argument("--runtimes", nargs="+", default=["tf", "onnx"], choices=("tf", "onnx"), help="--serving: the embedded server's runtimes to load (TF, ONNX Runtime)")
     args = parser.parse_args(argv)
     if args.data:
         from benchmarks import data_ckpt

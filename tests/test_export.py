@@ -408,7 +408,7 @@ def _script_main():
         (["--step", "7"], "has no checkpoint at step 7"),
         (["--version", "1"], "already exists; pick another --version or pass --overwrite"),
         (["--target", "tf-serving-2.15"], "--target 'tf-serving-2.15' is not supported; supported targets: tf-serving-2.21"),
-        (["--quantize", "int4"], "--quantize int4 is refused: it does not round-trip"),
+        (["--quantize", "int4", "--group_size", "48"], "--group_size 48 is not supported; use one of 32, 64, 128"),
         (["--version", "0"], "--version 0 must be a positive integer"),
     ],
 )

@@ -77,6 +77,31 @@ class Servable:
         return {k: v.numpy() for k, v in outputs.items()}
 
 
+RUNTIMES = ("auto", "tf", "onnx")  # --runtime: auto serves saved_model.pb on TF, else onnx/model.onnx on ONNX Runtime
+
+
+def loader_for(runtime: str):
+    """A ModelManager loader: each version on TensorFlow or ONNX Runtime (jaxbig.serve.onnx_runtime), by `runtime`.
+
+    Both give the same SignatureDefs, so requests are checked, batched, counted and answered the same way.
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {runtime!r} is not supported; use one of {', '.join(RUNTIMES)}")
+
+    def load(name: str, version: int, path: Path, *, warmup: bool = True):
+        onnx_file = Path(path) / "onnx" / "model.onnx"
+        use_onnx = runtime == "onnx" or (runtime == "auto" and not (Path(path) / "saved_model.pb").is_file() and onnx_file.is_file())
+        if not use_onnx:
+            return Servable(name, version, path, warmup=warmup)
+        if not onnx_file.is_file():
+            raise FileNotFoundError(f"{onnx_file} does not exist: --runtime onnx serves exports written with scripts/export.py --format onnx or all")
+        from jaxbig.serve.onnx_runtime import OnnxServable  # onnxruntime loads only where a version needs it
+
+        return OnnxServable(name, version, path, warmup=warmup)
+
+    return load
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Which servable a request asks for: by version, by label, or the latest (neither)."""

@@ -1,4 +1,4 @@
-"""The embedded TF-Serving-compatible server: one model's versions, REST and gRPC, on the TF runtime.
+"""The embedded TF-Serving-compatible server: one model's versions, REST and gRPC, on the TF runtime or ONNX Runtime.
 
     with EmbeddedServer(ServerConfig(model_name="tiny", model_base_path="exports/tiny", rest_port=0, grpc_port=0)) as s:
         print(s.rest_url, s.grpc_target)
@@ -35,6 +35,7 @@ class ServerConfig:
     batching: BatchingParameters = BatchingParameters()  # used when enable_batching
     max_request_bytes: int = 16 << 20  # larger bodies get HTTP 413 / gRPC RESOURCE_EXHAUSTED
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests before a version turns AVAILABLE
+    runtime: str = "auto"  # tf, onnx (ONNX Runtime on onnx/model.onnx) or auto: saved_model.pb on TF, else ONNX
 
     def __post_init__(self):
         if not self.model_name or "/" in self.model_name or ":" in self.model_name:
@@ -47,6 +48,8 @@ class ServerConfig:
             raise ConfigError(f"--rest_port and --grpc_port are both {self.rest_port}; give them different ports")
         if self.max_request_bytes < 1024:
             raise ConfigError(f"--max_request_bytes {self.max_request_bytes} is below 1024; requests of a single token would not fit")
+        if self.runtime not in ("auto", "tf", "onnx"):
+            raise ConfigError(f"--runtime {self.runtime!r} is not supported; use one of auto, tf, onnx")
         if self.file_system_poll_wait_seconds < 0:
             raise ConfigError(f"--file_system_poll_wait_seconds {self.file_system_poll_wait_seconds} must be >= 0")
 
@@ -70,14 +73,14 @@ class EmbeddedServer:
         from jaxbig.serve.core import ServingCore
         from jaxbig.serve.grpc_api import make_server
         from jaxbig.serve.metrics import Metrics
-        from jaxbig.serve.models import ModelManager
+        from jaxbig.serve.models import ModelManager, loader_for
         from jaxbig.serve.rest import RestServer
 
         c = self.config
         self.metrics = Metrics()
         self.manager = ModelManager(
             c.model_name, c.model_base_path, num_versions=c.num_versions, version_labels=dict(c.version_labels),
-            poll_wait_seconds=c.file_system_poll_wait_seconds, warmup=c.warmup,
+            poll_wait_seconds=c.file_system_poll_wait_seconds, warmup=c.warmup, loader=loader_for(c.runtime),
         )
 
         def on_change():
