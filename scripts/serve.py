@@ -82,14 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 def _embedded(args, batching) -> int:
     from jaxbig.serve.server import ServerConfig, serve_forever
 
-    return serve_forever(ServerConfig(
-        model_name=args.model_name, model_base_path=args.model_base_path, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port,
-        num_versions=args.num_versions, version_labels=_labels(args.version_label), file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
-        enable_batching=args.enable_batching, batching=batching, max_request_bytes=args.max_request_bytes, runtime=args.runtime,
-        monitoring=args.monitoring == "on", monitoring_window_tokens=args.monitoring_window_tokens, monitoring_profile=args.monitoring_profile,
-        request_logging_sample_rate=args.request_logging_sample_rate, request_logging_dir=args.request_logging_dir,
-        request_logging_max_file_bytes=args.request_logging_max_file_bytes, request_logging_max_files=args.request_logging_max_files,
-    ))
+    import dataclasses
+
+    # every flag named like a ServerConfig field is that field
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
+    return serve_forever(ServerConfig(**same | {"version_labels": _labels(args.version_label), "batching": batching, "monitoring": args.monitoring == "on"}))
 
 
 def _tf_serving(args, batching) -> int:
