@@ -1,9 +1,9 @@
 """Model monitoring in the embedded server: drift and quality of each version's traffic against its export's profile.
 
-The request path only hands (version, signature, inputs, outputs) to a bounded queue (`observe`: no copy,
-the arrays are the ones the server already has); one background thread turns them into statistics, so a
-slow statistic never delays an answer. When the queue is full the request is not observed and
-`jaxbig_monitor_dropped_total` counts it. Every series carries `model` and `version`, so two versions served
+The request path only hands (version, signature, inputs, outputs) to a bounded queue (`observe`, through
+jaxbig.serve.handoff: no copy, the arrays are the ones the server already has); one background thread turns
+them into statistics, so a slow statistic never delays an answer. When the queue is full (QUEUE_SIZE requests
+or QUEUE_BYTES of arrays) the request is not observed and `jaxbig_monitor_dropped_total` counts it. Every series carries `model` and `version`, so two versions served
 side by side during a rollout are compared on the same dashboard.
 
     jaxbig_monitor_token_psi{model,version}          PSI of the window's token distribution vs the profile's
@@ -33,7 +33,6 @@ import collections
 import dataclasses
 import json
 import logging
-import queue
 import threading
 from pathlib import Path
 
@@ -41,11 +40,13 @@ import numpy as np
 import prometheus_client as prom
 
 from jaxbig.profile import DEFAULT_BINS, ProfileError, ReferenceProfile, kl, next_token_stats, psi
+from jaxbig.serve.handoff import Handoff
 
 log = logging.getLogger(__name__)
 LENGTH_BUCKETS = tuple(2**i for i in range(18))  # 1 .. 131072 tokens
 NATS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5, 5.5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20)
 QUEUE_SIZE = 1024  # requests waiting for the statistics thread; more are dropped (counted), never waited for
+QUEUE_BYTES = 256 << 20  # and at most this many bytes of their arrays (a long request's logits are B*T*V floats)
 
 
 @dataclasses.dataclass
@@ -79,9 +80,7 @@ class Monitor:
         self.dropped.labels(model)
         self._versions: dict[int, _Version] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
-        self._thread = threading.Thread(target=self._work, name="monitor", daemon=True)
-        self._thread.start()
+        self._handoff = Handoff(self._process, "monitor", max_items=QUEUE_SIZE, max_bytes=QUEUE_BYTES)
 
     # ---- versions --------------------------------------------------------------------------------
     def add_version(self, version: int, path: Path) -> None:
@@ -131,22 +130,10 @@ class Monitor:
     # ---- the request path ------------------------------------------------------------------------
     def observe(self, version: int, signature: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Queues one answered request for the statistics thread; never blocks."""
-        try:
-            self._queue.put_nowait((version, signature, inputs, outputs))
-        except queue.Full:
+        if not self._handoff.offer(version, signature, inputs, outputs):
             self.dropped.labels(self.model).inc()
 
     # ---- the statistics thread -------------------------------------------------------------------
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self._process(*item)
-            except Exception:  # noqa: BLE001 - a statistic that fails must not stop the monitor (nor serving)
-                log.exception("monitoring a %s request failed", item[1])
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
-
     def _process(self, version: int, signature: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         with self._lock:
             state = self._versions.get(version)
@@ -194,11 +181,10 @@ class Monitor:
 
     def drain(self) -> None:
         """Waits until every queued request has been processed (tests, and before reading the metrics in a notebook)."""
-        self._queue.join()
+        self._handoff.drain()
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._handoff.stop()
 
 
 __all__ = ["Monitor", "ProfileError"]

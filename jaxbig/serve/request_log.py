@@ -11,8 +11,8 @@ logs never hold more than about max_file_bytes * max_files bytes. Read them with
 also a warmup file: copied to <version>/assets.extra/tf_serving_warmup_requests it is replayed before the
 version turns AVAILABLE.
 
-The request path draws the sample and queues the arrays it already has (no copy, never blocks: a full queue
-drops the record and counts it); one background thread builds the protos and writes. A write that fails
+The request path draws the sample and queues the arrays it already has (jaxbig.serve.handoff: no copy, never
+blocks; a full queue drops the record and counts it); one background thread builds the protos and writes. A write that fails
 (a full disk, a removed directory) stops logging for the rest of the process with one warning: serving goes on.
 """
 
@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 import prometheus_client as prom
 
 from jaxbig.config import ConfigError
+from jaxbig.serve.handoff import Handoff
 
 log = logging.getLogger(__name__)
 PREFIX = "prediction_log"
 FILE_RE = re.compile(rf"{PREFIX}-(\d+)\.tfrecord")
 QUEUE_SIZE = 256  # sampled requests waiting to be written; beyond that they are dropped (counted)
+QUEUE_BYTES = 256 << 20  # and at most this many bytes of their arrays
 
 
 def check_log_dir(path: str | Path) -> Path:
@@ -63,13 +63,11 @@ class RequestLogger:
             metric.labels(model)
         self.enabled = True
         self._random = random.Random(seed)
-        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         existing = self.files()
         self._next = int(FILE_RE.fullmatch(existing[-1].name).group(1)) + 1 if existing else 0  # never overwrite an earlier run's logs
         self._writer = None
         self._bytes = 0
-        self._thread = threading.Thread(target=self._work, name="request-log", daemon=True)
-        self._thread.start()
+        self._handoff = Handoff(self._log, "request-log", max_items=QUEUE_SIZE, max_bytes=QUEUE_BYTES)
 
     def files(self) -> list[Path]:
         """The log files in the directory, oldest first."""
@@ -79,12 +77,7 @@ class RequestLogger:
     def maybe_log(self, version: int, signature: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         if self.sample_rate == 0.0 or self._random.random() >= self.sample_rate:
             return
-        if not self.enabled:
-            self.dropped.labels(self.model).inc()
-            return
-        try:
-            self._queue.put_nowait((version, signature, inputs, outputs))
-        except queue.Full:
+        if not self.enabled or not self._handoff.offer(version, signature, inputs, outputs):
             self.dropped.labels(self.model).inc()
 
     # ---- the writer thread -----------------------------------------------------------------------
@@ -123,31 +116,26 @@ class RequestLogger:
         self._bytes += size
         self.logged.labels(self.model).inc()
 
-    def _work(self) -> None:
+    def _log(self, version: int, signature: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         import tensorflow as tf
 
-        while (item := self._queue.get()) is not None:
-            try:
-                if self.enabled:
-                    self._write(self._record(*item))
-                else:
-                    self.dropped.labels(self.model).inc()
-            except (OSError, tf.errors.OpError) as e:
-                self.enabled = False
-                self.failed.labels(self.model).set(1)
-                self.dropped.labels(self.model).inc()
-                log.warning("request logging stopped: writing to %s failed (%s); requests are still served, without logs", self.directory, e)
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
+        if not self.enabled:
+            self.dropped.labels(self.model).inc()
+            return
+        try:
+            self._write(self._record(version, signature, inputs, outputs))
+        except (OSError, tf.errors.OpError) as e:
+            self.enabled = False
+            self.failed.labels(self.model).set(1)
+            self.dropped.labels(self.model).inc()
+            log.warning("request logging stopped: writing to %s failed (%s); requests are still served, without logs", self.directory, e)
 
     def drain(self) -> None:
         """Waits until every queued record is written (or dropped)."""
-        self._queue.join()
+        self._handoff.drain()
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._handoff.stop()
         if self._writer is not None:
             try:
                 self._writer.close()
