@@ -48,29 +48,29 @@ def length_counts(lengths: np.ndarray, edges: list[int]) -> list[int]:
     return np.bincount(idx, minlength=len(edges)).tolist()
 
 
-def log_softmax(logits_NV: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis in float64 (the logits arrive as float32)."""
-    z = logits_NV.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def next_token_stats(logits_BTV: np.ndarray, targets_BS: np.ndarray) -> tuple[float, float | None]:
     """(mean entropy in nats of the predicted distributions at all B*T positions; mean negative log-likelihood per
     token of targets[:, s] under the distribution at position s, for s < S <= T, or None when S is 0).
 
     A request's tokens score as next_token_stats(logits, tokens[:, 1:]); a validation window of T + 1 tokens as
-    next_token_stats(logits of window[:, :-1], window[:, 1:]).
+    next_token_stats(logits of window[:, :-1], window[:, 1:]). In the logits' own dtype (float32 as served: a
+    monitoring statistic needs no more), without materialising log-probabilities: with m = max z,
+    e = exp(z - m) and lse = m + log(sum e), the entropy is lse - sum(e * z) / sum(e) and the NLL lse - z[target].
     """
     S = targets_BS.shape[1]
     if S > logits_BTV.shape[1]:
         raise ValueError(f"{S} targets per row for {logits_BTV.shape[1]} positions; at most one target per position")
-    logp_BTV = log_softmax(logits_BTV)
-    entropy = float(-(np.exp(logp_BTV) * logp_BTV).sum(-1).mean())
+    z_BTV = logits_BTV
+    m_BT1 = z_BTV.max(-1, keepdims=True)
+    e_BTV = np.exp(z_BTV - m_BT1)
+    sum_BT = e_BTV.sum(-1)
+    lse_BT = m_BT1[..., 0] + np.log(sum_BT)
+    entropy = float((lse_BT - (e_BTV * z_BTV).sum(-1) / sum_BT).sum()) / lse_BT.size
     if S == 0:
         return entropy, None
-    picked_BS = np.take_along_axis(logp_BTV[:, :S], targets_BS[:, :, None].astype(np.int64), axis=-1)[..., 0]
-    return entropy, float(-picked_BS.mean())
+    B = targets_BS.shape[0]
+    picked_BS = z_BTV[np.arange(B)[:, None], np.arange(S)[None, :], targets_BS]
+    return entropy, float((lse_BT[:, :S] - picked_BS).sum()) / (B * S)
 
 
 def psi(window: np.ndarray, reference: np.ndarray) -> float:

@@ -6,7 +6,8 @@ them into statistics, so a slow statistic never delays an answer. When the queue
 or QUEUE_BYTES of arrays) the request is not observed and `jaxbig_monitor_dropped_total` counts it. Every series carries `model` and `version`, so two versions served
 side by side during a rollout are compared on the same dashboard.
 
-    jaxbig_monitor_token_psi{model,version}          PSI of the window's token distribution vs the profile's
+    jaxbig_monitor_token_psi{model,version}          PSI of the window's token distribution vs the profile's (computed
+                                                     when scraped; NaN before the version's first request)
     jaxbig_monitor_token_kl{model,version}           KL(window || profile) in nats, same bins (jaxbig.profile)
     jaxbig_monitor_window_tokens{model,version}      tokens in the sliding window (the last --monitoring_window_tokens
                                                      prompt tokens, whole requests)
@@ -45,20 +46,31 @@ from jaxbig.serve.handoff import Handoff
 log = logging.getLogger(__name__)
 LENGTH_BUCKETS = tuple(2**i for i in range(18))  # 1 .. 131072 tokens
 NATS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5, 5.5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20)
+SIGNATURES = ("serving_default", "generate")  # jaxbig's exports (jaxbig.export.savedmodel); others are not monitored
 QUEUE_SIZE = 1024  # requests waiting for the statistics thread; more are dropped (counted), never waited for
 QUEUE_BYTES = 256 << 20  # and at most this many bytes of their arrays (a long request's logits are B*T*V floats)
 
 
 @dataclasses.dataclass
 class _Version:
-    """What the statistics thread keeps per version: the profile's bins and the sliding window of prompt tokens."""
+    """What the statistics thread keeps per version: its metric children, the profile's bins and the drift window."""
 
-    bin_of_V: np.ndarray | None  # token id -> bin (None: no profile, no drift)
-    reference_K: np.ndarray | None  # the profile's share per bin
+    children: dict[str, object]  # the version's labelled metrics, looked up once (labels() takes a lock each time)
     eos_id: int | None
+    bin_of_V: np.ndarray | None = None  # token id -> bin (None: no profile, no drift)
+    reference_K: np.ndarray | None = None  # the profile's share per bin
     window: collections.deque = dataclasses.field(default_factory=collections.deque)  # (tokens, counts_K) per request
     counts_K: np.ndarray | None = None
     tokens: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the window: slid here, read at scrape time
+
+    def divergence(self, fn) -> float:
+        """fn(window's share per bin, the profile's) now; NaN while the window is empty (no comparison yet)."""
+        with self.lock:
+            if not self.tokens:
+                return float("nan")
+            share_K = self.counts_K / self.tokens
+        return fn(share_K, self.reference_K)
 
 
 class Monitor:
@@ -99,14 +111,23 @@ class Monitor:
             raise ProfileError(f"the reference profile has vocab_size {profile.vocab_size} but {manifest_path} serves a model of {vocab}; give a profile of this model's tokenizer")
         if profile is None:
             log.warning("%s version %d has no reference profile (%s): served without drift metrics; export it with scripts/export.py", self.model, version, manifest_path)
-        eos = manifest.get("tokenizer", {}).get("eos_id")
-        state = _Version(None, None, eos)
+        labels = (self.model, str(version))
+        children = {
+            "entropy": self.entropy.labels(*labels), "nll": self.nll.labels(*labels), "generated": self.generated.labels(*labels),
+            "eos": self.rows.labels(*labels, "eos"), "max_length": self.rows.labels(*labels, "max_length"),
+            **{f"observed/{sig}": self.observed.labels(*labels, sig) for sig in SIGNATURES},
+            **{f"length/{sig}": self.length.labels(*labels, sig) for sig in SIGNATURES},
+        }
+        state = _Version(children, manifest.get("tokenizer", {}).get("eos_id"))
         if profile is not None:
             state.bin_of_V, state.reference_K = profile.bins(self.num_bins)
             state.counts_K = np.zeros(self.num_bins, np.int64)
-            labels = (self.model, str(version))
             self.ref_entropy.labels(*labels).set(profile.mean_entropy_nats)
             self.ref_nll.labels(*labels).set(-profile.mean_log_likelihood_nats)
+            # PSI and KL are computed when Prometheus scrapes, not per request
+            self.psi.labels(*labels).set_function(lambda: state.divergence(psi))
+            self.kl.labels(*labels).set_function(lambda: state.divergence(kl))
+            self.window.labels(*labels).set_function(lambda: state.tokens)
         with self._lock:
             self._versions[version] = state
 
@@ -139,45 +160,41 @@ class Monitor:
             state = self._versions.get(version)
         if state is None:
             return  # retired meanwhile
-        labels = (self.model, str(version))
+        metric = state.children
         if signature == "serving_default" and "tokens" in inputs and "logits" in outputs:
-            tokens_BT = np.asarray(inputs["tokens"])
-            entropy, nll = next_token_stats(np.asarray(outputs["logits"]), tokens_BT[:, 1:])
-            self.entropy.labels(*labels).observe(entropy)
+            tokens_BT = inputs["tokens"]
+            entropy, nll = next_token_stats(outputs["logits"], tokens_BT[:, 1:])
+            metric["entropy"].observe(entropy)
             if nll is not None:
-                self.nll.labels(*labels).observe(nll)
+                metric["nll"].observe(nll)
         elif signature == "generate" and "prompt" in inputs and "tokens" in outputs:
-            tokens_BT, out_BN = np.asarray(inputs["prompt"]), np.asarray(outputs["tokens"])
+            tokens_BT, out_BN = inputs["prompt"], outputs["tokens"]
             is_eos_BN = out_BN == state.eos_id if state.eos_id is not None else np.zeros(out_BN.shape, bool)
             stopped_B = is_eos_BN.any(axis=1)
             lengths_B = np.where(stopped_B, is_eos_BN.argmax(axis=1) + 1, out_BN.shape[1])
-            self.generated.labels(*labels).inc(int(lengths_B.sum()))
-            self.rows.labels(*labels, "eos").inc(int(stopped_B.sum()))
-            self.rows.labels(*labels, "max_length").inc(int((~stopped_B).sum()))
+            metric["generated"].inc(int(lengths_B.sum()))
+            metric["eos"].inc(int(stopped_B.sum()))
+            metric["max_length"].inc(int((~stopped_B).sum()))
         else:
             return
-        self.observed.labels(*labels, signature).inc()
+        metric[f"observed/{signature}"].inc()
         B, T = tokens_BT.shape
-        length = self.length.labels(*labels, signature)
         for _ in range(B):
-            length.observe(T)
+            metric[f"length/{signature}"].observe(T)
         if state.bin_of_V is not None:
-            self._slide(state, labels, tokens_BT)
+            self._slide(state, tokens_BT)
 
-    def _slide(self, state: _Version, labels: tuple[str, str], tokens_BT: np.ndarray) -> None:
-        """Adds a request's tokens to the version's window, drops the oldest requests beyond the window, updates PSI and KL."""
+    def _slide(self, state: _Version, tokens_BT: np.ndarray) -> None:
+        """Adds a request's tokens to the version's window and drops the oldest requests beyond the window."""
         counts_K = np.bincount(state.bin_of_V[tokens_BT.ravel()], minlength=self.num_bins)
-        state.window.append((tokens_BT.size, counts_K))
-        state.counts_K += counts_K
-        state.tokens += tokens_BT.size
-        while len(state.window) > 1 and state.tokens - state.window[0][0] >= self.window_tokens:
-            n, old_K = state.window.popleft()
-            state.counts_K -= old_K
-            state.tokens -= n
-        share_K = state.counts_K / state.tokens
-        self.psi.labels(*labels).set(psi(share_K, state.reference_K))
-        self.kl.labels(*labels).set(kl(share_K, state.reference_K))
-        self.window.labels(*labels).set(state.tokens)
+        with state.lock:
+            state.window.append((tokens_BT.size, counts_K))
+            state.counts_K += counts_K
+            state.tokens += tokens_BT.size
+            while len(state.window) > 1 and state.tokens - state.window[0][0] >= self.window_tokens:
+                n, old_K = state.window.popleft()
+                state.counts_K -= old_K
+                state.tokens -= n
 
     def drain(self) -> None:
         """Waits until every queued request has been processed (tests, and before reading the metrics in a notebook)."""
