@@ -61,8 +61,8 @@ def reference_profile(cfg: Config, graphdef: nnx.GraphDef, params, *, windows: i
     if n < 1:
         raise ConfigError(f"the validation split holds {len(val_tokens)} tokens, fewer than one window of data.seq_len + 1 = {T + 1}; raise data.val_fraction")
     window_NT = np.stack([val_tokens[i * T : i * T + T + 1] for i in range(n)]).astype(np.int32)
-    model = nnx.merge(graphdef, params)
-    logits_NTV = np.asarray(jax.jit(lambda x: model(x))(window_NT[:, :-1]))
+    forward = jax.jit(lambda params, tokens_NT: nnx.merge(graphdef, params)(tokens_NT))  # params as arguments, not constants
+    logits_NTV = np.asarray(forward(params, window_NT[:, :-1]))
     entropy, nll = next_token_stats(logits_NTV, window_NT[:, 1:])
     counts = np.bincount(train_tokens.astype(np.int64), minlength=V)
     ids = np.flatnonzero(counts)

@@ -105,6 +105,10 @@ class EmbeddedServer:
         if c.request_logging_sample_rate > 0:
             check_log_dir(c.request_logging_dir)
         self.metrics = Metrics()
+        self.manager = ModelManager(
+            c.model_name, c.model_base_path, num_versions=c.num_versions, version_labels=dict(c.version_labels),
+            poll_wait_seconds=c.file_system_poll_wait_seconds, warmup=c.warmup, loader=loader_for(c.runtime),
+        )
         self.monitor = Monitor(self.metrics.registry, c.model_name, window_tokens=c.monitoring_window_tokens, profile=profile) if c.monitoring else None
         self.request_log = None
         if c.request_logging_sample_rate > 0:
@@ -112,10 +116,6 @@ class EmbeddedServer:
                 c.request_logging_dir, c.request_logging_sample_rate, self.metrics.registry, c.model_name,
                 max_file_bytes=c.request_logging_max_file_bytes, max_files=c.request_logging_max_files,
             )
-        self.manager = ModelManager(
-            c.model_name, c.model_base_path, num_versions=c.num_versions, version_labels=dict(c.version_labels),
-            poll_wait_seconds=c.file_system_poll_wait_seconds, warmup=c.warmup, loader=loader_for(c.runtime),
-        )
 
         def on_change():
             paths = self.manager.version_paths()
