@@ -7,7 +7,8 @@ on the TF runtime, unbatched, in three set-ups: `--monitoring off`, `--monitorin
 request logging of 1% of requests. Each load run is benchmarks/serving.py's: `--clients` threads, half REST and
 half gRPC, each sending one [1, 32] token request after another for `--seconds`, every answer checked against the
 SavedModel's own output. The set-ups alternate for `--rounds` rounds (off, on, on+log, off, ...) so that a change in
-the machine's other load hits all of them alike; the table gives each set-up's p50 and p99 over all its rounds.
+the machine's other load hits all of them alike; the table gives each set-up's p50 and p99 over all its rounds, and
+each round's p50 (their spread is the noise the comparison has to beat).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(args, command: str) -> int:
                 print(f"round {round_ + 1}, monitoring {name}: {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
                 result = run_load(clients, args.seconds)
             errors += len(result.errors)
-            latencies[name].extend(x for v in result.latencies.values() for x in v)
+            latencies[name].append([x for v in result.latencies.values() for x in v])
     text = _report(latencies, errors, args, command, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
@@ -66,19 +67,22 @@ def main(args, command: str) -> int:
     return 1 if errors else 0
 
 
-def _report(latencies: dict[str, list[float]], errors: int, args, command: str, load: tuple[float, float]) -> str:
+def _report(latencies: dict[str, list[list[float]]], errors: int, args, command: str, load: tuple[float, float]) -> str:
+    """One row per set-up: percentiles over all its rounds, and each round's p50 (the spread is the machine's noise)."""
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    base = float(np.percentile(latencies["off"], 50))
+    base = float(np.percentile([x for r in latencies["off"] for x in r], 50))
     lines = [
         f"Measured {datetime.date.today()} on {machine_cpu()} ({os.cpu_count()} cores, shared with other jobs: 1-minute load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after). Model: configs/tiny.yaml shapes, float32 SavedModel on the TF runtime, unbatched; "
         f"one request = tokens [1, 32] -> logits [1, 32, 256]; {args.clients} clients (half REST, half gRPC), {args.rounds} rounds of "
         f"{args.seconds:.0f} s per set-up, alternating; {errors} errors. Command: `{command}`.",
         "",
-        "| monitoring | requests | p50 ms | p99 ms | p50 vs off |",
-        "|---|---|---|---|---|",
+        "| monitoring | requests | p50 ms | p99 ms | p50 vs off | p50 per round, ms |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, lat in latencies.items():
+    for name, rounds in latencies.items():
+        lat = [x for r in rounds for x in r]
         p50 = float(np.percentile(lat, 50))
-        lines.append(f"| {name} | {len(lat)} | {ms(p50)} | {ms(float(np.percentile(lat, 99)))} | {(p50 / base - 1) * 100:+.1f}% |")
+        per_round = " / ".join(ms(float(np.percentile(r, 50))) for r in rounds)
+        lines.append(f"| {name} | {len(lat)} | {ms(p50)} | {ms(float(np.percentile(lat, 99)))} | {(p50 / base - 1) * 100:+.1f}% | {per_round} |")
     return "\n".join(lines)
