@@ -12,12 +12,12 @@ PEERS_PYTHON ?= python3.11
 PEERS_THREADS ?= 2
 PEERS_STEPS ?= 30
 
-.PHONY: train test bench bench-perf bench-check bench-peers setup clean-venv
+.PHONY: train test bench bench-perf bench-check bench-peers setup prometheus clean-venv
 
 train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
 
-test: $(STAMP) $(PEERS_VENV)/.installed
+test: $(STAMP) $(PEERS_VENV)/.installed prometheus
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -32,6 +32,15 @@ bench-check: $(STAMP)
 	$(PY) scripts/bench.py --perf --check
 
 setup: $(STAMP)
+
+# The real Prometheus and promtool (Debian's `prometheus` package): tests/test_monitoring.py checks and unit-tests the
+# alert rules in configs/monitoring/ with promtool and fires them in a Prometheus of its own (own config, data
+# directory and free port; the package's service is never used).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "the monitoring tests need prometheus and promtool: install Debian's 'prometheus' package (apt-get install prometheus) or put both binaries on PATH"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # The reference venv: PyTorch eager trains the same Llama (benchmarks/peers/README.md), and transformers is the
 # reference the Hugging Face import/export tests compare against (tests/hf_reference.py). `make test` builds it

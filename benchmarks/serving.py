@@ -231,7 +231,9 @@ def _direct(version_dir: Path, tokens: np.ndarray, seconds: float, runtime: str 
     return lat, out
 
 
-def _prepare(work: Path, steps: int) -> tuple[Path, Path]:
+def prepare_exports(work: Path, steps: int, versions=((1, "none"), (2, "int8")), fmt: str = "all") -> tuple[Path, Path]:
+    """(run, staging): configs/tiny.yaml trained `steps` steps on 40 stdlib modules, exported as `versions`
+    ((version, quantization) pairs) under staging in `fmt` (all: the SavedModel for TF, onnx/ for ONNX Runtime)."""
     from jaxbig.config import load_config
     from jaxbig.data.corpus import stdlib_root
     from jaxbig.export.bundle import export_run
@@ -245,8 +247,8 @@ def _prepare(work: Path, steps: int) -> tuple[Path, Path]:
     overrides = [f"train.steps={steps}", "optim.warmup_steps=1", f"train.run_dir={run}", f"data.paths={corpus}", "train.log_every=1000", "train.eval_every=1000", "mesh.data=-1"]
     train(load_config(ROOT / "configs" / "tiny.yaml", overrides), progress=False)
     staging = work / "staging"
-    export_run(run, staging, 1, quantize="none", format="all")  # the SavedModel for TF, onnx/ for ONNX Runtime
-    export_run(run, staging, 2, quantize="int8", format="all")
+    for version, quantize in versions:
+        export_run(run, staging, version, quantize=quantize, format=fmt)
     return run, staging
 
 
@@ -264,7 +266,7 @@ def main(args, command: str) -> int:
 
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    _, staging = _prepare(work, steps=args.steps or 5)
+    _, staging = prepare_exports(work, steps=args.steps or 5)
     tokens = np.random.default_rng(0).integers(1, 256, (1, 32)).astype(np.int32)
     direct_lat, ref1 = _direct(staging / "1", tokens, args.seconds / 3)
     _, ref2 = _direct(staging / "2", tokens, 0.0)

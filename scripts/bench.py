@@ -26,6 +26,11 @@ and throughput over REST and gRPC, batched and unbatched, on the TF runtime and 
 version 1, int8 version 2 arriving mid-run), with a version switch mid-run, and the
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
 
+    python scripts/bench.py --monitoring [--seconds 30] [--clients 8] [--rounds 2]
+
+The same load with model monitoring off, on, and on with 1% request logging, alternating (benchmarks/monitoring.py);
+writes the `bench:monitoring` section.
+
     python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
     python scripts/bench.py --perf --check [--margin 0.15]
 
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
+    parser.add_argument("--monitoring", action="store_true", help="serving with model monitoring off vs on (p50/p99 at --clients, --seconds per run)")
+    parser.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the off/on set-ups, alternating")
     parser.add_argument("--runtimes", nargs="+", default=["tf", "onnx"], choices=("tf", "onnx"), help="--serving: the embedded server's runtimes to load (TF, ONNX Runtime)")
     args = parser.parse_args(argv)
     if args.data:
@@ -108,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return perf.main(args, command) if args.perf else profiles.main(args, command)
+    if args.monitoring:
+        from benchmarks import monitoring
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return monitoring.main(args, command)
     if args.serving:
         from benchmarks import serving
 

@@ -25,7 +25,6 @@ from jaxbig.export.bundle import export_run
 from jaxbig.export.reload import load_exported
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.serve import tf_serving
-from jaxbig.train.loop import train
 from jaxbig.checkpoint.run import load_params
 
 tf = pytest.importorskip("tensorflow")
@@ -68,14 +67,8 @@ def _tokens(b, t):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, text_dir):
-    root = tmp_path_factory.mktemp("serve")
-    run_dir = root / "run"
-    train(load_config(None, SMALL + [f"train.run_dir={run_dir}", f"data.paths={text_dir}"]), progress=False)
-    staging = root / "staging"
-    fmt = "all" if HAS_ORT else "savedmodel"
-    export_run(run_dir, staging, 1, quantize="none", format=fmt)
-    export_run(run_dir, staging, 2, quantize="int8", format=fmt)
+def exported(served_run):
+    run_dir, staging = served_run
     _, graphdef, params, _ = load_params(run_dir)
     model = __import__("flax").nnx.merge(graphdef, params)
     int8_forward, _, int8_leaves = load_exported(staging / "2")

@@ -5,7 +5,8 @@ exports/NAME/<V>/
   assets.extra/tf_serving_warmup_requests
   jax/{forward,generate}.jax_exported, jax/params.npz
   onnx/model.onnx, onnx/decode_step.onnx   with --format onnx or all (jaxbig.interop.onnx)
-  manifest.json                       lists the formats written and names the run's tokenizer; its files lie beside it:
+  manifest.json                       lists the formats written, holds the reference profile the server's monitoring
+                                      compares traffic with (jaxbig.export.profile), and names the run's tokenizer; its files lie beside it:
   tokenizer.model | tokenizer.json, tokenizer_config.json   (SentencePiece | Hugging Face; none for bytes)
 Everything is written to exports/NAME/.tmp-<V>-*, then renamed: a failed export leaves no
 version directory behind (TF Serving ignores non-numeric names while it is being written).
@@ -29,6 +30,7 @@ from jaxbig.compress.quantize import check_method, llama_rules, quantize_params
 from jaxbig.config import ConfigError
 from jaxbig.data.run import run_tokenizer
 from jaxbig.export.artifact import PLATFORMS, export_functions, flatten_params, leaf_manifest, to_leaves, write_artifacts
+from jaxbig.export.profile import reference_profile
 from jaxbig.export.targets import get_target
 from jaxbig.checkpoint.run import load_params
 
@@ -122,6 +124,7 @@ def export_run(
         raise ConfigError(f"{str(final)!r} already exists; pick another --version or pass --overwrite")
     cfg, graphdef, params, step = load_params(run_dir, step)
     tokenizer = run_tokenizer(cfg, run_dir)  # the clients (jaxbig.serve.client.load_tokenizer) tokenize with it
+    profile = reference_profile(cfg, graphdef, params)  # before anything is written: a too-short validation split fails here
 
     flat = flatten_params(params)
     rules = llama_rules()
@@ -147,6 +150,7 @@ def export_run(
             "model": cfg.to_dict()["model"],
             "tokenizer": tokenizer.to_dict() | {"fingerprint": tokenizer.fingerprint()},
             "sparsity": _sparsity(flat, leaves),
+            "profile": profile.to_dict(),
             "quantization": {"method": quantize},  # the SavedModel's scheme below; ONNX's under "onnx"
             "signatures": {
                 "serving_default": {

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbig.runtime import rss_bytes
+
 
 # Published dense peak FLOP/s per chip, by `jax.Device.device_kind` and compute dtype. Sparsity figures are halved
 # back to dense. float32 matmuls on GPUs at JAX's default precision may run on TF32 tensor cores, so their peak is the
@@ -118,6 +120,19 @@ def machine_peak_flops(
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation, or None without a known peak."""
     return None if peak is None else tokens_per_sec * flops_per_token / peak
+
+
+def memory_record() -> dict[str, int]:
+    """This process's memory: `memory/host_rss_bytes` always (Linux), and where the backend reports them (GPU, TPU;
+    not XLA:CPU) `memory/device_bytes_in_use` and `memory/device_peak_bytes`, summed over the local devices."""
+    record = {}
+    if (rss := rss_bytes()) is not None:
+        record["memory/host_rss_bytes"] = rss
+    stats = [s for s in (d.memory_stats() for d in jax.local_devices()) if s]
+    if stats:
+        record["memory/device_bytes_in_use"] = sum(s.get("bytes_in_use", 0) for s in stats)
+        record["memory/device_peak_bytes"] = sum(s.get("peak_bytes_in_use", 0) for s in stats)
+    return record
 
 
 class MetricsWriter:
