@@ -11,6 +11,9 @@ PEERS_OUT := runs/peers
 PEERS_PYTHON ?= python3.11
 PEERS_THREADS ?= 2
 PEERS_STEPS ?= 30
+# pytest-xdist workers for `make test`. The suite is mostly XLA compiles (one thread each) and subprocess start-ups,
+# so two workers fill a 2-core machine; --dist loadfile keeps each test file (and its module fixtures) in one worker.
+TEST_WORKERS ?= 2
 
 .PHONY: train test bench bench-perf bench-check bench-peers setup prometheus clean-venv
 
@@ -18,7 +21,7 @@ train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
 
 test: $(STAMP) $(PEERS_VENV)/.installed prometheus
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
