@@ -615,11 +615,17 @@ def test_clients_refuse_before_sending(exported, tmp_path, capsys):
 
 
 def test_prometheus_metrics(server):
+    """The counters see this test's own requests (3 answered, 1 refused, 1 for a missing version), whatever ran before."""
     r = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=30)
     assert r.status_code == 200
     if server.kind != "embedded":
         return  # TF Serving's own series; their names are its business
-    text = r.text
+    predict = server.rest + "/v1/models/tiny"
+    for _ in range(3):
+        assert requests.post(predict + ":predict", json={"inputs": {"tokens": _tokens(1, 4).tolist()}}, timeout=120).status_code == 200
+    assert requests.post(predict + ":predict", json={"inputs": {"tokens": [[VOCAB + 5]]}}, timeout=120).status_code == 400
+    assert requests.post(predict + "/versions/99:predict", json={"inputs": {"tokens": [[1]]}}, timeout=120).status_code == 404
+    text = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=30).text
     ok = [line for line in text.splitlines() if line.startswith("jaxbig_serving_requests_total{") and 'status="OK"' in line and 'api="predict"' in line]
     assert ok and sum(float(line.split()[-1]) for line in ok) >= 3, text[:2000]
     assert 'status="INVALID_ARGUMENT"' in text and 'status="NOT_FOUND"' in text
