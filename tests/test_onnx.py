@@ -22,14 +22,13 @@ pytest.importorskip("jax2onnx")
 from flax import nnx  # noqa: E402
 
 from jaxbig.checkpoint.run import load_params  # noqa: E402
-from jaxbig.config import ConfigError, load_config  # noqa: E402
+from jaxbig.config import ConfigError  # noqa: E402
 from jaxbig.export.bundle import export_run  # noqa: E402
 from jaxbig.models.decode import generate as jax_generate  # noqa: E402
-from jaxbig.train.loop import train  # noqa: E402
-from test_export import SMALL, _clean_env  # noqa: E402 - the same tiny model as the export tests
+from test_export import _clean_env  # noqa: E402
 from tests.numerics import assert_close, assert_near_argmax, forward_chain, tolerance  # noqa: E402
 
-MAX_LEN = 64  # SMALL's model.max_seq_len
+MAX_LEN = 64  # the SMALL model's model.max_seq_len (tests/test_export.py)
 SHAPES = [(b, t) for b in (1, 3, 8) for t in (1, 17, MAX_LEN)]  # (batch, length): the issue's grid
 PROMPT = np.array([[100, 101, 102, 40, 41], [10, 32, 32, 32, 32]], np.int32)
 NEW = 12
@@ -40,11 +39,9 @@ def _tokens(b, t):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, text_dir):
-    root = tmp_path_factory.mktemp("onnx")
-    run_dir = root / "run"
-    train(load_config(None, SMALL + [f"train.run_dir={run_dir}", f"data.paths={text_dir}"]), progress=False)
-    out = root / "exports" / "tiny"
+def exported(tmp_path_factory, served_run):
+    run_dir, _ = served_run  # the serving tests' SMALL run (tests/conftest.py), trained once per session
+    out = tmp_path_factory.mktemp("onnx") / "exports" / "tiny"
     f32 = export_run(run_dir, out, 1, quantize="none", format="all")
     int8 = export_run(run_dir, out, 2, quantize="int8", format="onnx")
     int4 = export_run(run_dir, out, 3, quantize="int4", format="all", group_size=64)
