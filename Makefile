@@ -11,14 +11,17 @@ PEERS_OUT := runs/peers
 PEERS_PYTHON ?= python3.11
 PEERS_THREADS ?= 2
 PEERS_STEPS ?= 30
+# pytest-xdist workers for `make test`. The suite is mostly XLA compiles (one thread each) and subprocess start-ups,
+# so two workers fill a 2-core machine; --dist loadfile keeps each test file (and its module fixtures) in one worker.
+TEST_WORKERS ?= 2
 
-.PHONY: train test bench bench-perf bench-check bench-peers setup clean-venv
+.PHONY: train test bench bench-perf bench-check bench-peers setup prometheus clean-venv
 
 train: $(STAMP)
 	$(PY) scripts/train.py --mesh 4x2
 
-test: $(STAMP) $(PEERS_VENV)/.installed
-	$(PY) -m pytest -q
+test: $(STAMP) $(PEERS_VENV)/.installed prometheus
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
@@ -32,6 +35,15 @@ bench-check: $(STAMP)
 	$(PY) scripts/bench.py --perf --check
 
 setup: $(STAMP)
+
+# The real Prometheus and promtool (Debian's `prometheus` package): tests/test_monitoring.py checks and unit-tests the
+# alert rules in configs/monitoring/ with promtool and fires them in a Prometheus of its own (own config, data
+# directory and free port; the package's service is never used).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "the monitoring tests need prometheus and promtool: install Debian's 'prometheus' package (apt-get install prometheus) or put both binaries on PATH"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # The reference venv: PyTorch eager trains the same Llama (benchmarks/peers/README.md), and transformers is the
 # reference the Hugging Face import/export tests compare against (tests/hf_reference.py). `make test` builds it
@@ -62,10 +74,13 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,export,serve,ps]'
+	$(PY) -m pip install --quiet -e '.[dev,export,serve,onnx,ps]'
 	@# tensorflow-serving-api requires the full `tensorflow` wheel, which would overwrite tensorflow-cpu;
 	@# its protos (PredictionLog for warmup records, PredictionService) need only what is installed already.
 	$(PY) -m pip install --quiet --no-deps 'tensorflow-serving-api==2.21.*'
+	@# jax2onnx pins orbax-checkpoint<0.11.37 while jaxbig needs >=0.12, and asks for equinox, dm-pix, netron and
+	@# orbax-export for optional plugins; the `onnx` extra has what the converter needs (pyproject.toml).
+	$(PY) -m pip install --quiet --no-deps 'jax2onnx==0.17.*'
 	@touch $(STAMP)
 
 clean-venv:

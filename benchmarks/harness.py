@@ -193,17 +193,20 @@ def mfu_cell(flops_per_s: float, peak: float | None) -> str:
 # --------------------------------------------------------------------------- reporting
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def machine_cpu() -> str:
+    """The CPU model as lscpu names it (/proc/cpuinfo's model name), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     device = jax.devices()[0]
-    return f"{os.cpu_count()} CPU cores ({cpu}); device {device.platform}:{device.device_kind}"
+    return f"{os.cpu_count()} CPU cores ({machine_cpu()}); device {device.platform}:{device.device_kind}"
 
 
 def table(results: list[Result], peak: float) -> str:

@@ -1,4 +1,4 @@
-"""Serving under load: latency and throughput of the embedded server, batched and unbatched, vs the SavedModel in-process.
+"""Serving under load: latency and throughput of the embedded server on TF and ONNX Runtime, batched and unbatched, vs the SavedModel in-process.
 
     python scripts/bench.py --serving [--seconds 30] [--clients 8]
 
@@ -211,20 +211,29 @@ def checked_calls(rest_url: str, grpc_target: str, name: str, tokens: np.ndarray
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
-def _direct(version_dir: Path, tokens: np.ndarray, seconds: float) -> tuple[list[float], np.ndarray]:
-    import tensorflow as tf
+def _direct(version_dir: Path, tokens: np.ndarray, seconds: float, runtime: str = "tf") -> tuple[list[float], np.ndarray]:
+    """Latencies of one thread calling the version's serving_default in-process (TF SavedModel or ONNX Runtime), and its answer."""
+    if runtime == "onnx":
+        from jaxbig.serve.onnx_runtime import OnnxModel
 
-    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    x = tf.constant(tokens)
-    out = fn(tokens=x)["logits"].numpy()
+        model = OnnxModel(version_dir)
+        call = lambda: model.forward(tokens)  # noqa: E731
+    else:
+        import tensorflow as tf
+
+        fn, x = tf.saved_model.load(str(version_dir)).signatures["serving_default"], tf.constant(tokens)
+        call = lambda: fn(tokens=x)["logits"].numpy()  # noqa: E731
+    out = call()
     lat, deadline = [], time.perf_counter() + seconds
     while (start := time.perf_counter()) < deadline:
-        fn(tokens=x)["logits"].numpy()
+        call()
         lat.append(time.perf_counter() - start)
     return lat, out
 
 
-def _prepare(work: Path, steps: int) -> tuple[Path, Path]:
+def prepare_exports(work: Path, steps: int, versions=((1, "none"), (2, "int8")), fmt: str = "all") -> tuple[Path, Path]:
+    """(run, staging): configs/tiny.yaml trained `steps` steps on 40 stdlib modules, exported as `versions`
+    ((version, quantization) pairs) under staging in `fmt` (all: the SavedModel for TF, onnx/ for ONNX Runtime)."""
     from jaxbig.config import load_config
     from jaxbig.data.corpus import stdlib_root
     from jaxbig.export.bundle import export_run
@@ -238,9 +247,16 @@ def _prepare(work: Path, steps: int) -> tuple[Path, Path]:
     overrides = [f"train.steps={steps}", "optim.warmup_steps=1", f"train.run_dir={run}", f"data.paths={corpus}", "train.log_every=1000", "train.eval_every=1000", "mesh.data=-1"]
     train(load_config(ROOT / "configs" / "tiny.yaml", overrides), progress=False)
     staging = work / "staging"
-    export_run(run, staging, 1, quantize="none")
-    export_run(run, staging, 2, quantize="int8")
+    for version, quantize in versions:
+        export_run(run, staging, version, quantize=quantize, format=fmt)
     return run, staging
+
+
+def _onnx_expected(staging: Path, tokens: np.ndarray) -> dict[int, np.ndarray]:
+    """What ONNX Runtime answers in-process for each version (its int8 is ONNX Runtime's, not the SavedModel's)."""
+    from jaxbig.serve.onnx_runtime import OnnxModel
+
+    return {v: OnnxModel(staging / str(v)).forward(tokens) for v in (1, 2)}
 
 
 def main(args, command: str) -> int:
@@ -250,20 +266,23 @@ def main(args, command: str) -> int:
 
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    _, staging = _prepare(work, steps=args.steps or 5)
+    _, staging = prepare_exports(work, steps=args.steps or 5)
     tokens = np.random.default_rng(0).integers(1, 256, (1, 32)).astype(np.int32)
     direct_lat, ref1 = _direct(staging / "1", tokens, args.seconds / 3)
     _, ref2 = _direct(staging / "2", tokens, 0.0)
-    expected = {1: ref1, 2: ref2}
+    in_process = {(rt, v): _direct(staging / str(v), tokens, args.seconds / 6, rt)[0] for rt in args.runtimes for v in (1, 2)}
+    expected = {"tf": {1: ref1, 2: ref2}, "onnx": _onnx_expected(staging, tokens)}
     rows, sequential = [], {}
-    for mode, extra in (("unbatched", []), ("batched", ["--enable_batching", "--max_batch_size", "8", "--batch_timeout_micros", "2000"])):
-        base = work / f"exports-{mode}" / "tiny"
+    batched = ["--enable_batching", "--max_batch_size", "8", "--batch_timeout_micros", "2000"]
+    for runtime, mode, extra in [(rt, m, e) for rt in args.runtimes for m, e in (("unbatched", []), ("batched", batched))]:
+        base = work / f"exports-{runtime}-{mode}" / "tiny"
         base.mkdir(parents=True)
         shutil.copytree(staging / "1", base / "1")
         swap = stage_version(staging / "2", base, 2)
-        with ServerProcess(base, "tiny", *extra) as server:
-            rest, grpc_ = checked_calls(server.rest, server.grpc, "tiny", tokens, expected)
-            if mode == "unbatched":  # one request at a time: the per-request overhead
+        with ServerProcess(base, "tiny", *extra, "--runtime", runtime) as server:
+            rest, grpc_ = checked_calls(server.rest, server.grpc, "tiny", tokens, expected[runtime])
+            mode = f"{runtime}, {mode}"
+            if mode == "tf, unbatched":  # one request at a time: the per-request overhead
                 for protocol, make in (("REST", rest), ("gRPC", grpc_)):
                     call = make()
                     for _ in range(20):
@@ -277,7 +296,7 @@ def main(args, command: str) -> int:
         if result.errors:
             print("\n".join(result.errors[:20]), file=sys.stderr)
         rows.append((mode, result, status, _mean_batch(metrics)))
-    text = _report(rows, direct_lat, sequential, args, command, load=(load_before, os.getloadavg()[0]))
+    text = _report(rows, direct_lat, sequential, args, command, load=(load_before, os.getloadavg()[0]), in_process=in_process)
     print(text)
     if not args.no_write:
         from benchmarks.harness import write_section
@@ -297,11 +316,11 @@ def _mean_batch(metrics: str) -> float:
     return value("jaxbig_serving_batch_requests_sum") / count if count else 1.0
 
 
-def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float, float]) -> str:
+def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float, float], in_process: dict | None = None) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} CPU cores (shared), TF {__import__('tensorflow').__version__}; "
-        f"model: configs/tiny.yaml shapes (d_model 128, 4 layers), float32, one request = tokens [1, 32] -> logits [1, 32, 256]. "
+        f"model: configs/tiny.yaml shapes (d_model 128, 4 layers), float32 (version 1; int8 version 2 from a third of the way in), one request = tokens [1, 32] -> logits [1, 32, 256]. "
         f"Command: `{command}`. 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other jobs share the cores).",
         "",
         "| run | requests | errors | throughput (req/s) | p50 ms (REST / gRPC) | p99 ms (REST / gRPC) | mean requests per model call | version 2 first answered at |",
@@ -324,4 +343,10 @@ def _report(rows, direct_lat, sequential, args, command: str, load: tuple[float,
     ]
     for protocol, p50 in sequential.items():
         lines.append(f"| {protocol} to the embedded server | {ms(p50)} | +{ms(p50 - direct)} ms ({p50 / direct:.1f}x) |")
+    if in_process:  # the runtimes side by side, one thread in-process, no server
+        names = {"tf": "TF SavedModel (`tf.saved_model.load`)", "onnx": "ONNX Runtime (`OnnxModel`, all optimisations)"}
+        lines += ["", "| in-process, one thread | float32 p50 / p99 ms | int8 p50 / p99 ms |", "|---|---|---|"]
+        for rt in dict.fromkeys(rt for rt, _ in in_process):
+            cells = [f"{ms(np.percentile(in_process[rt, v], 50))} / {ms(np.percentile(in_process[rt, v], 99))}" for v in (1, 2)]
+            lines.append(f"| {names[rt]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

@@ -99,3 +99,33 @@ def tune_host_malloc() -> bool:
     ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)
     host_malloc_tuned = bool(ok)
     return host_malloc_tuned
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size in bytes (Linux /proc/self/statm; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: its cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes), else the
+    machine's RAM (/proc/meminfo MemTotal); None where neither can be read."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" (v2) or a huge number (v1) mean no limit
+            return int(text)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -25,11 +25,17 @@ The parameter server (see benchmarks/ps.py): 3 Ray workers, one 3x slower, synch
 (bound 4) vs async local SGD (H=8, delayed Nesterov, dynamic local updates) to the same token budget:
 wall-clock to a target validation loss, the loss at the budget, staleness; writes `bench:ps`.
 
-    python scripts/bench.py --serving [--seconds 30] [--clients 8]
+    python scripts/bench.py --serving [--seconds 30] [--clients 8] [--runtimes tf onnx]
 
 The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
-and throughput over REST and gRPC, batched and unbatched, with a version switch mid-run, and the
+and throughput over REST and gRPC, batched and unbatched, on the TF runtime and ONNX Runtime (float32
+version 1, int8 version 2 arriving mid-run), with a version switch mid-run, and the
 overhead over calling the SavedModel in-process; writes the `bench:serving` section.
+
+    python scripts/bench.py --monitoring [--seconds 30] [--clients 8] [--rounds 2]
+
+The same load with model monitoring off, on, and on with 1% request logging, alternating (benchmarks/monitoring.py);
+writes the `bench:monitoring` section.
 
     python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
     python scripts/bench.py --perf --check [--margin 0.15]
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ps", action="store_true", help="the parameter-server benchmark: sync vs async SGD vs async local SGD, 3 workers, one 3x slower")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
+    parser.add_argument("--monitoring", action="store_true", help="serving with model monitoring off vs on (p50/p99 at --clients, --seconds per run)")
+    parser.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the off/on set-ups, alternating")
+    parser.add_argument("--runtimes", nargs="+", default=["tf", "onnx"], choices=("tf", "onnx"), help="--serving: the embedded server's runtimes to load (TF, ONNX Runtime)")
     args = parser.parse_args(argv)
     if args.data:
         from benchmarks import data_ckpt
@@ -118,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return ps.main(args, command)
+    if args.monitoring:
+        from benchmarks import monitoring
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return monitoring.main(args, command)
     if args.serving:
         from benchmarks import serving
 

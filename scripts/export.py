@@ -1,7 +1,8 @@
 """Export a trained run for serving: `python scripts/export.py --run_dir runs/tiny --out exports/tiny --version 1`.
 
 Writes exports/NAME/<V>/: a TF Serving SavedModel (signatures serving_default and generate,
-params as variables, warmup records), the `jax.export` artifacts and manifest.json. See docs/serving.md.
+params as variables, warmup records), the `jax.export` artifacts, the ONNX graphs (onnx/) and
+manifest.json; `--format savedmodel` or `--format onnx` writes one of them. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="int8", help="none, int8 (weight-only, default), fp8 (weight-only) or int8-dynamic (W8A8: int8 weights and per-row dynamic int8 activations)")
     parser.add_argument("--target", default="tf-serving-2.21", help="serving runtime the SavedModel must load in")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
+    parser.add_argument("--format", default="all", help="savedmodel (SavedModel + jax.export artifacts), onnx (ONNX graphs for ONNX Runtime) or all (default)")
+    parser.add_argument("--group_size", type=int, default=64, help="--quantize int4: weights per scale along the contracted axis (32, 64 or 128)")
     args = parser.parse_args(argv)
     try:
         from jaxbig.export.bundle import export_run
 
         path = export_run(
-            args.run_dir, args.out, args.version, step=args.step, quantize=args.quantize, target=args.target, overwrite=args.overwrite
+            args.run_dir, args.out, args.version, step=args.step, quantize=args.quantize, target=args.target, overwrite=args.overwrite,
+            format=args.format, group_size=args.group_size,
         )
     except ConfigError as e:
         return fail(e)

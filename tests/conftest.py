@@ -58,6 +58,17 @@ TINY_MODEL = [
     "train.batch_size=8",
 ]
 TINY = [*TINY_MODEL, "train.eval_batches=2", "optim.warmup_steps=5"]
+# A run of 3 steps for the export and serving tests (what is exported matters, not how well it learned).
+SMALL = [
+    *TINY_MODEL,
+    "data.val_fraction=0.2",
+    "train.steps=3",
+    "train.log_every=3",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "optim.warmup_steps=1",
+    "mesh.data=8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +84,24 @@ def prepared_dir(tmp_path_factory, text_dir) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "bytes"
     prepare([str(text_dir)], out, val_fraction=0.2, shard_mb=0.2)
     return out
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, text_dir) -> tuple[Path, Path]:
+    """(run_dir, staging): a SMALL run exported as float32 version 1 and int8 version 2 under `staging`, each as a
+    SavedModel and as ONNX when onnxruntime and jax2onnx are installed. Trained and exported once per session: the
+    serving and monitoring tests copy the versions they serve out of `staging`."""
+    import importlib.util
+
+    from jaxbig.config import load_config
+    from jaxbig.export.bundle import export_run
+    from jaxbig.train.loop import train
+
+    root = tmp_path_factory.mktemp("serve")
+    run_dir = root / "run"
+    train(load_config(None, SMALL + [f"train.run_dir={run_dir}", f"data.paths={text_dir}"]), progress=False)
+    staging = root / "staging"
+    fmt = "all" if all(importlib.util.find_spec(m) for m in ("onnxruntime", "jax2onnx")) else "savedmodel"
+    export_run(run_dir, staging, 1, quantize="none", format=fmt)
+    export_run(run_dir, staging, 2, quantize="int8", format=fmt)
+    return run_dir, staging

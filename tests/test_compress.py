@@ -38,10 +38,36 @@ def test_weight_only_quantization(method, dtype, step):
         assert (np.abs(back - w) <= step * channel_max + 1e-6).all(), path  # half a step (int8) / 3 mantissa bits (fp8)
 
 
-def test_int4_and_unknown_methods_are_refused():
-    with pytest.raises(ValueError, match="int4 is refused: it does not round-trip through TensorFlow's XlaCallModule"):
-        quantize_params(_flat(), "int4", llama_rules())
-    with pytest.raises(ValueError, match="'w4a8' is not supported; use one of none, int8, fp8, int8-dynamic"):
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groups_pack_two_codes_per_byte_and_round_to_nearest(group):
+    """int4: one scale per `group` weights along the contracted axes (all of them when fewer), codes + 8 packed low
+    nibble first; every weight comes back within half its group's step (the peak maps to -8 exactly; a weight of the
+    other sign beyond 7.5 steps is clipped to 7, within one step)."""
+    from jaxbig.compress import int4
+
+    rng = np.random.default_rng(1)
+    flat = {"blocks/attn/wo_HKD": rng.normal(size=(2, 4, 16, 8)).astype(np.float32), "blocks/mlp/w_down_FD": rng.normal(size=(2, 128, 8)).astype(np.float32)}
+    q = quantize_params(flat, "int4", llama_rules(), group)
+    wo, down = q["blocks/attn/wo_HKD"], q["blocks/mlp/w_down_FD"]
+    assert wo["packed"].dtype == np.uint8 and wo["packed"].shape == (2, 8, 4, 8)  # [L, D, H, K/2]: contracted H, K last
+    assert wo["scale"].shape == (2, 8, 64 // min(group, 64)) and down["scale"].shape == (2, 8, 128 // group)
+    for path, entry in q.items():
+        rule = next(r for r in llama_rules() if __import__("re").fullmatch(r.pattern, path))
+        w, back = flat[path], np.asarray(dequantize(entry, rule.reduce_axes))
+        assert back.shape == w.shape
+        g = int4.group_for(w.shape, rule.reduce_axes, group)
+        step = np.abs(np.repeat(entry["scale"], g, axis=-1))  # per weight, in the packed (moved) order
+        moved = np.transpose(w - back, [a for a in range(w.ndim) if a not in rule.reduce_axes] + list(rule.reduce_axes)).reshape(step.shape)
+        w_moved = np.transpose(w, [a for a in range(w.ndim) if a not in rule.reduce_axes] + list(rule.reduce_axes)).reshape(step.shape)
+        clipped = np.abs(w_moved) > 7.5 * step  # only the side opposite the group's peak can pass code 7: up to a step off
+        assert (np.abs(moved) <= np.where(clipped, step, step / 2) * (1 + 1e-6)).all(), path
+    codes = np.array([[-8, -3, 0, 7]], np.float32) * 0.5  # one group of 4: scale -8 -> 0.5 * -8 / -8
+    packed = int4.quantize(codes, (1,), 4)["packed"]
+    assert packed.tolist() == [[0x50, 0xF8]]  # codes + 8 = [0, 5, 8, 15], pairs (low, high)
+
+
+def test_unknown_methods_are_refused():
+    with pytest.raises(ValueError, match="'w4a8' is not supported; use one of none, int8, fp8, int8-dynamic, int4"):
         quantize_params(_flat(), "w4a8", llama_rules())
 
 

@@ -24,19 +24,9 @@ from jaxbig.export.bundle import export_run
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.train.loop import train
 from jaxbig.checkpoint.run import load_params
-from conftest import TINY_MODEL  # the shared tiny model and batch (tests/conftest.py)
+from conftest import SMALL  # the shared tiny model, 3 training steps (tests/conftest.py)
 from tests.numerics import assert_close, assert_near_argmax, forward_chain, tolerance
 
-SMALL = [
-    *TINY_MODEL,
-    "data.val_fraction=0.2",
-    "train.steps=3",
-    "train.log_every=3",
-    "train.eval_every=3",
-    "train.eval_batches=1",
-    "optim.warmup_steps=1",
-    "mesh.data=8",
-]
 SHAPES = [(1, 1), (1, 17), (3, 32), (8, 9), (8, 64)]  # (batch, length)
 PROMPT = np.array([[100, 101, 102, 40, 41], [10, 32, 32, 32, 32]], np.int32)
 NEW = 12
@@ -408,7 +398,7 @@ def _script_main():
         (["--step", "7"], "has no checkpoint at step 7"),
         (["--version", "1"], "already exists; pick another --version or pass --overwrite"),
         (["--target", "tf-serving-2.15"], "--target 'tf-serving-2.15' is not supported; supported targets: tf-serving-2.21"),
-        (["--quantize", "int4"], "--quantize int4 is refused: it does not round-trip"),
+        (["--quantize", "int4", "--group_size", "48"], "--group_size 48 is not supported; use one of 32, 64, 128"),
         (["--version", "0"], "--version 0 must be a positive integer"),
     ],
 )

@@ -1,6 +1,7 @@
 """The FLOP count MFU divides by, against XLA's own and the traced program's; the peak it divides into, per dtype and device."""
 
 import dataclasses
+import json
 import math
 import types
 
@@ -13,7 +14,7 @@ from jax.extend import core as jcore
 
 from jaxbig.config import ModelConfig
 from jaxbig.models import create_model
-from jaxbig.train.metrics import PUBLISHED_PEAK_FLOPS, machine_peak_flops, mfu
+from jaxbig.train.metrics import PUBLISHED_PEAK_FLOPS, machine_peak_flops, measure_matmul_peak, mfu
 
 CFG = ModelConfig(d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64, dtype="float32")
 
@@ -79,3 +80,21 @@ def test_peak_is_per_dtype_and_unknown_devices_get_no_mfu():
     unknown = types.SimpleNamespace(platform="gpu", device_kind="Some Future GPU")
     assert machine_peak_flops("bfloat16", [unknown]) is None
     assert mfu(1e6, 1e6, None) is None and mfu(1e6, 1e6, 2e12) == 0.5
+
+
+def test_peak_cache_keeps_the_best_measurement(tmp_path, monkeypatch):
+    """A peak measured while other work shared the cores reads low and, cached, would make every later MFU too high
+    (values above 1 were seen). The cache keeps the best figure: a refresh replaces a low entry with the new
+    measurement, and never lowers an entry."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kw = dict(n=256, repeats=2)
+    first = measure_matmul_peak(**kw)
+    cache = tmp_path / "jaxbig" / "matmul_peak.json"
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: 1.0}))  # a "loaded" measurement: 1 FLOP/s
+    assert measure_matmul_peak(**kw) == 1.0  # cached, as it was written
+    refreshed = measure_matmul_peak(**kw, refresh=True)
+    assert refreshed > 1.0 and json.loads(cache.read_text())[key] == refreshed
+    cache.write_text(json.dumps({key: 1e18}))  # a better figure than any this machine measures
+    assert measure_matmul_peak(**kw, refresh=True) == 1e18 and json.loads(cache.read_text())[key] == 1e18
+    assert first > 1.0

@@ -15,7 +15,7 @@ SOURCES = ("jaxbig", "scripts", "benchmarks")
 
 # The unit of layering: a jaxbig subpackage, a top-level jaxbig module, or a whole top-level directory.
 LAYER = {
-    "jaxbig.config": 0, "jaxbig.xla_options": 0, "jaxbig.runtime": 0, "jaxbig": 0,
+    "jaxbig.config": 0, "jaxbig.xla_options": 0, "jaxbig.runtime": 0, "jaxbig.profile": 0, "jaxbig": 0,
     "jaxbig.models": 1, "jaxbig.parallel": 1,
     "jaxbig.optim": 2, "jaxbig.compress": 2, "jaxbig.data": 2, "jaxbig.checkpoint": 2,
     "jaxbig.train": 3, "jaxbig.ps": 3, "jaxbig.export": 3, "jaxbig.interop": 3, "jaxbig.serve": 3, "jaxbig.sample": 3, "jaxbig.cli": 3,

@@ -177,4 +177,16 @@ def test_serving_notebook_runs_top_to_bottom(tmp_path):
     err, agree = re.search(r"max \|diff\| = ([\d.]+)% of max \|logit\|; argmax agrees at (\d+)%", compare).groups()
     assert float(err) < 5 and int(agree) >= 80, compare
     assert _has_png(cells["compare"]), "the compare cell drew no figure"
+    onnx_out = _stdout(cells["onnx"])
+    assert "files: ['decode_step.onnx', 'model.onnx']" in onnx_out, onnx_out
+    diff, peak = map(float, re.search(r"over REST: max \|diff\| = (\S+) \(max \|logit\| (\S+)\)", onnx_out).groups())
+    assert diff <= 1e-3 * peak, onnx_out  # two programs of the same float32 math (tests/test_onnx.py bounds them tightly)
+    served_text, local_text = re.search(r"ONNX Runtime greedy: (.*)\nin this process, no server: (.*)", onnx_out).groups()
+    assert served_text == local_text, onnx_out  # the server's generate is OnnxModel.generate on the same graph
+    monitor = _stdout(cells["monitor"])
+    before, after = map(float, re.search(r"PSI before the injection (\S+), at the end (\S+)", monitor).groups())
+    assert before < 0.5 < after, monitor  # the alert rule's threshold (configs/monitoring/alerts.yml)
+    val_nll, random_nll = map(float, re.search(r"validation text (\S+), random bytes (\S+)", monitor).groups())
+    assert random_nll > val_nll + 1, monitor  # random bytes are out of domain: far less likely under the model
+    assert _has_png(cells["monitor"]), "the monitoring cell drew no figure"
     assert "stopped" in _stdout(cells["stop"])

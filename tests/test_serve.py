@@ -3,7 +3,9 @@
 The server runs as `scripts/serve.py` in its own process on free loopback ports: the embedded
 server always, a real `tensorflow_model_server` too when one is on PATH (those cases are skipped,
 with a message, otherwise). Clients are plain HTTP (requests) and TF Serving's own gRPC stubs.
-One tiny run is trained once and exported as float32 (version 1) and int8 (version 2).
+One tiny run is trained once and exported as float32 (version 1) and int8 (version 2), each as a
+SavedModel and as ONNX (`--format all`). The same suite runs against the embedded server on the TF
+runtime (`embedded`), on ONNX Runtime (`onnx`: `--runtime onnx`) and against a real TF Serving.
 """
 
 import json
@@ -23,7 +25,6 @@ from jaxbig.export.bundle import export_run
 from jaxbig.export.reload import load_exported
 from jaxbig.models.decode import generate as jax_generate
 from jaxbig.serve import tf_serving
-from jaxbig.train.loop import train
 from jaxbig.checkpoint.run import load_params
 
 tf = pytest.importorskip("tensorflow")
@@ -38,7 +39,8 @@ from tensorflow_serving.apis import (  # noqa: E402
 from test_export import SMALL  # noqa: E402 - the same tiny model as the export tests
 from tests.numerics import assert_close, assert_near_argmax, forward_chain, tolerance  # noqa: E402
 
-KINDS = ["embedded", "tf-serving"]
+KINDS = ["embedded", "onnx", "tf-serving"]  # embedded on TF, embedded on ONNX Runtime, tensorflow_model_server
+HAS_ORT = __import__("importlib.util").util.find_spec("onnxruntime") is not None and __import__("importlib.util").util.find_spec("jax2onnx") is not None
 LOAD_SECONDS = float(os.environ.get("JAXBIG_SERVE_LOAD_SECONDS", "10"))  # benchmarks/serving.py runs 30
 MAX_REQUEST_BYTES = 256 << 10  # room for the fuzz test's 100,000 '[' body
 VOCAB, MAX_LEN = 256, 64  # SMALL's model (tests/conftest.py TINY_MODEL)
@@ -65,13 +67,8 @@ def _tokens(b, t):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, text_dir):
-    root = tmp_path_factory.mktemp("serve")
-    run_dir = root / "run"
-    train(load_config(None, SMALL + [f"train.run_dir={run_dir}", f"data.paths={text_dir}"]), progress=False)
-    staging = root / "staging"
-    export_run(run_dir, staging, 1, quantize="none")
-    export_run(run_dir, staging, 2, quantize="int8")
+def exported(served_run):
+    run_dir, staging = served_run
     _, graphdef, params, _ = load_params(run_dir)
     model = __import__("flax").nnx.merge(graphdef, params)
     int8_forward, _, int8_leaves = load_exported(staging / "2")
@@ -79,10 +76,27 @@ def exported(tmp_path_factory, text_dir):
         1: lambda tokens: np.asarray(model(tokens)),
         2: lambda tokens: np.asarray(int8_forward.call(int8_leaves, tokens)),
     }
+    if HAS_ORT:  # ONNX's int8 is ONNX Runtime's dynamic quantization: its reference is ONNX Runtime on the same graph
+        from jaxbig.serve.onnx_runtime import OnnxModel
+
+        int8_onnx = OnnxModel(staging / "2")
+        references["onnx"] = {1: references[1], 2: lambda tokens: int8_onnx.forward(tokens)}
     return run_dir, staging, references, (graphdef, params)
 
 
+def _references(exported, kind):
+    """version -> tokens -> the logits the server must answer (up to rounding) when `kind` serves."""
+    return exported[2]["onnx"] if kind == "onnx" else exported[2]
+
+
+def _server_args(kind):
+    """(ServerProcess's server=, extra flags) for a kind."""
+    return ("embedded", ["--runtime", "onnx"]) if kind == "onnx" else (kind, [])
+
+
 def _skip_unless_available(kind):
+    if kind == "onnx" and not HAS_ORT:
+        pytest.skip("onnxruntime and jax2onnx are not installed: the ONNX Runtime cases need the `onnx` extra")
     if kind == "tf-serving" and tf_serving.find_binary() is None:
         pytest.skip(f"{tf_serving.BINARY} is not on PATH: the real TF Serving cases need it (docs/serving.md has the docker command)")
 
@@ -94,8 +108,9 @@ def server(request, exported, tmp_path_factory):
     _, staging, _, _ = exported
     base = tmp_path_factory.mktemp("base") / "tiny"
     shutil.copytree(staging, base)
-    with ServerProcess(base, "tiny", "--num_versions", "0", "--version_label", "stable=1", "--max_request_bytes", str(MAX_REQUEST_BYTES), server=request.param) as s:
-        s.kind, s.base = request.param, base
+    kind, extra = _server_args(request.param)
+    with ServerProcess(base, "tiny", "--num_versions", "0", "--version_label", "stable=1", "--max_request_bytes", str(MAX_REQUEST_BYTES), *extra, server=kind) as s:
+        s.kind, s.base, s.runtime = kind, base, request.param
         yield s
 
 
@@ -158,7 +173,7 @@ def test_metadata_over_rest_and_grpc(server, stubs):
 # ---- predictions equal JAX -------------------------------------------------------------------------
 @pytest.mark.parametrize("version", [1, 2, None])
 def test_rest_row_and_columnar_match_jax(server, exported, version):
-    _, _, references, _ = exported
+    references = _references(exported, server.runtime)
     tokens = _tokens(3, 17)
     want = references[version or 2](tokens)
     path = "/v1/models/tiny" + (f"/versions/{version}" if version else "") + ":predict"
@@ -174,7 +189,7 @@ def test_rest_row_and_columnar_match_jax(server, exported, version):
 
 @pytest.mark.parametrize("version, label", [(1, None), (2, None), (None, None), (None, "stable")])
 def test_grpc_predict_matches_jax(server, stubs, exported, version, label):
-    _, _, references, _ = exported
+    references = _references(exported, server.runtime)
     prediction, _ = stubs
     tokens = _tokens(2, 9)
     response = prediction.Predict(_predict_request({"tokens": tokens}, version=version, label=label), timeout=120)
@@ -209,8 +224,14 @@ def test_generate_script_against_the_server(server, exported, repo):
 
     _, staging, _, _ = exported
     prompt = "def f"
-    _, generate, leaves = load_exported(staging / "2")  # the server's latest version: int8
-    ids = np.asarray(generate.call(leaves, ByteTokenizer().encode(prompt)[None], np.int32(12), np.float32(0), np.int32(0)))[0, :12]
+    prompt_1P = ByteTokenizer().encode(prompt)[None]
+    if server.runtime == "onnx":  # the server's latest version, int8, on the runtime that serves it
+        from jaxbig.serve.onnx_runtime import OnnxModel
+
+        ids = OnnxModel(staging / "2").generate(prompt_1P, 12)[0]
+    else:
+        _, generate, leaves = load_exported(staging / "2")
+        ids = np.asarray(generate.call(leaves, prompt_1P, np.int32(12), np.float32(0), np.int32(0)))[0, :12]
     want = prompt + ByteTokenizer().decode(ids[: np.flatnonzero(ids == 0)[0]] if (ids == 0).any() else ids)
     for address, extra in ((server.rest.removeprefix("http://"), []), (server.grpc, ["--grpc"])):
         proc = subprocess.run(
@@ -594,11 +615,17 @@ def test_clients_refuse_before_sending(exported, tmp_path, capsys):
 
 
 def test_prometheus_metrics(server):
+    """The counters see this test's own requests (3 answered, 1 refused, 1 for a missing version), whatever ran before."""
     r = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=30)
     assert r.status_code == 200
     if server.kind != "embedded":
         return  # TF Serving's own series; their names are its business
-    text = r.text
+    predict = server.rest + "/v1/models/tiny"
+    for _ in range(3):
+        assert requests.post(predict + ":predict", json={"inputs": {"tokens": _tokens(1, 4).tolist()}}, timeout=120).status_code == 200
+    assert requests.post(predict + ":predict", json={"inputs": {"tokens": [[VOCAB + 5]]}}, timeout=120).status_code == 400
+    assert requests.post(predict + "/versions/99:predict", json={"inputs": {"tokens": [[1]]}}, timeout=120).status_code == 404
+    text = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=30).text
     ok = [line for line in text.splitlines() if line.startswith("jaxbig_serving_requests_total{") and 'status="OK"' in line and 'api="predict"' in line]
     assert ok and sum(float(line.split()[-1]) for line in ok) >= 3, text[:2000]
     assert 'status="INVALID_ARGUMENT"' in text and 'status="NOT_FOUND"' in text
@@ -644,15 +671,18 @@ def test_batching_merges_concurrent_requests_and_keeps_answers(exported, tmp_pat
 def test_load_while_a_new_version_is_exported(exported, tmp_path, kind):
     """8 clients (4 REST, 4 gRPC) for LOAD_SECONDS (longer if the export is slow); version 2 is exported mid-run and must take over with zero errors."""
     _skip_unless_available(kind)
-    run_dir, staging, references, _ = exported
+    run_dir, staging, _, _ = exported
+    references = _references(exported, kind)
     base = tmp_path / "tiny"
     shutil.copytree(staging / "1", base / "1")
     tokens = _tokens(1, 16)
     expected = {v: references[v](tokens) for v in (1, 2)}
-    with ServerProcess(base, "tiny", "--enable_batching", server=kind) as s:
+    server, extra = _server_args(kind)
+    fmt = "onnx" if kind == "onnx" else "savedmodel"
+    with ServerProcess(base, "tiny", "--enable_batching", *extra, server=server) as s:
         rest, grpc_ = checked_calls(s.rest, s.grpc, "tiny", tokens, expected)
         clients = [("REST", rest()) if i % 2 == 0 else ("gRPC", grpc_()) for i in range(8)]
-        result = run_load(clients, LOAD_SECONDS, during=lambda: export_run(run_dir, base, 2, quantize="int8"), during_at=0.1, until_version=2)
+        result = run_load(clients, LOAD_SECONDS, during=lambda: export_run(run_dir, base, 2, quantize="int8", format=fmt), during_at=0.1, until_version=2)
         status = requests.get(s.rest + "/v1/models/tiny", timeout=30).json()["model_version_status"]
     assert result.errors == [], result.errors[:5]
     assert result.versions[1] > 0 and result.versions[2] > 0, result.versions  # both versions answered

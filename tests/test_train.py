@@ -41,8 +41,30 @@ def test_loss_falls_and_metrics_are_written(trained):
         assert {"step", "loss", "tokens_per_sec", "mfu", "lr", "grad_norm"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
     assert "eval_loss" in records[1] and "eval_loss" in records[3] and "eval_loss" not in records[0]
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # where each interval's time went, and the process's memory (XLA:CPU reports no device memory: RSS only)
+    times = ("time/compute_s", "time/data_wait_s", "time/eval_s", "time/checkpoint_s")
+    for r in records[1:]:  # the first record's interval starts after the first (compiling) step: 5 steps less one
+        assert all(r[k] >= 0 for k in times) and r["time/compute_s"] > 0 and r["memory/host_rss_bytes"] > 1 << 20
+    assert records[0]["time/eval_s"] == 0 and records[1]["time/eval_s"] > 0  # the eval at step 10
+    assert records[1]["time/checkpoint_s"] == 0 and records[2]["time/checkpoint_s"] > 0  # the save after step 10's record
+    # the step time is its parts: compute + data wait = the interval's steps at the measured rate
+    r = records[2]
+    np.testing.assert_allclose(r["time/compute_s"] + r["time/data_wait_s"], 5 * cfg.train.batch_size * cfg.data.seq_len / r["tokens_per_sec"], rtol=1e-6)
+    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert events and {*times, "memory/host_rss_bytes", "loss", "eval_loss"} <= _tensorboard_tags(events[0])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+
+
+def _tensorboard_tags(path) -> set[str]:
+    """The scalar tags in a TensorBoard event file (TFRecord framing: length, its CRC, an Event, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, tags, i = path.read_bytes(), set(), 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 8], "little")
+        tags |= {v.tag for v in event_pb2.Event.FromString(data[i + 12 : i + 12 + n]).summary.value}
+        i += n + 16
+    return tags
 
 
 def test_resume_is_exact(trained, tmp_path, text_dir):

@@ -38,12 +38,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxbig.compress import int4
+
 # name -> (storage dtype, largest representable magnitude)
 _FORMATS = {
     "int8": (np.dtype(np.int8), 127.0),
     "fp8": (np.dtype(ml_dtypes.float8_e4m3fn), 448.0),
 }
-METHODS = ("none", "int8", "fp8", "int8-dynamic")
+METHODS = ("none", "int8", "fp8", "int8-dynamic", "int4")
 _STORAGE = {"int8": "int8", "fp8": "fp8", "int8-dynamic": "int8"}  # method -> storage format
 DYNAMIC_METHODS = ("int8-dynamic",)  # methods whose exported matmuls also quantize activations
 
@@ -69,12 +71,6 @@ def llama_rules(num_layer_axes: int = 1) -> tuple[QuantRule, ...]:
 
 
 def check_method(method: str) -> None:
-    if method == "int4":
-        raise ValueError(
-            "--quantize int4 is refused: it does not round-trip through TensorFlow's XlaCallModule "
-            "(TF holds int4 unpacked, one byte per value, while XLA reads the buffer as packed nibbles, "
-            "so [-8, -3, 0, 1] arrives as [-8, 0, -3, 0]); use --quantize int8, fp8 or int8-dynamic"
-        )
     if method not in METHODS:
         raise ValueError(f"--quantize {method!r} is not supported; use one of {', '.join(METHODS)}")
 
@@ -89,8 +85,15 @@ def _quantize_one(w: np.ndarray, rule: QuantRule, method: str) -> dict[str, np.n
     return {"q": q, "scale": scale}
 
 
-def quantize_params(flat: dict[str, np.ndarray], method: str, rules: tuple[QuantRule, ...]) -> dict[str, dict[str, np.ndarray]]:
-    """`{path: array}` -> `{path: {"w": float array} | {"q": ..., "scale": ...}}`, in the same order."""
+def rule_for(path: str, rules: tuple[QuantRule, ...]) -> QuantRule | None:
+    return next((r for r in rules if re.fullmatch(r.pattern, path)), None)
+
+
+def quantize_params(flat: dict[str, np.ndarray], method: str, rules: tuple[QuantRule, ...], group_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """`{path: array}` -> `{path: {"w": float array} | {"q": ..., "scale": ...} | {"packed": ..., "scale": ...}}`, in order.
+
+    int4 (`jaxbig.compress.int4`): packed uint8 codes, one scale per `group_size` weights along the contracted axes.
+    """
     check_method(method)
     out = {}
     for path, w in flat.items():
@@ -101,14 +104,17 @@ def quantize_params(flat: dict[str, np.ndarray], method: str, rules: tuple[Quant
         bad = [a for a in rule.reduce_axes if a >= np.ndim(w)]
         if bad:
             raise ValueError(f"quantization rule {rule.pattern!r} reduces axes {rule.reduce_axes} but {path} has shape {np.shape(w)}")
-        out[path] = _quantize_one(w, rule, method)
+        out[path] = int4.quantize(w, rule.reduce_axes, group_size) if method == "int4" else _quantize_one(w, rule, method)
     return out
 
 
-def dequantize(entry: dict[str, Any]) -> Any:
-    """The float32 weight of one `quantize_params` entry (traceable: runs inside the exported function)."""
+def dequantize(entry: dict[str, Any], reduce_axes: tuple[int, ...] = ()) -> Any:
+    """The float32 weight of one `quantize_params` entry (traceable: runs inside the exported function);
+    int4 entries need their rule's `reduce_axes`."""
     if "w" in entry:
         return entry["w"]
+    if "packed" in entry:
+        return int4.dequantize(entry, reduce_axes)
     return entry["q"].astype(jnp.float32) * entry["scale"]
 
 
@@ -132,12 +138,12 @@ class Int8Weight:
 
 def weight_operand(path: str, entry: dict[str, Any], method: str, rules: tuple[QuantRule, ...]) -> Any:
     """What the exported function passes to the model for one `quantize_params` entry: for `DYNAMIC_METHODS`, a
-    matmul weight's stored int8 and scale as an `Int8Weight`; otherwise (and for gathered weights) `dequantize`."""
-    if method in DYNAMIC_METHODS and "q" in entry:
-        rule = next((r for r in rules if re.fullmatch(r.pattern, path)), None)
-        if rule is not None and not rule.gather:
-            return Int8Weight(entry["q"], entry["scale"])
-    return dequantize(entry)
+    matmul weight's stored int8 and scale as an `Int8Weight`; otherwise (and for gathered weights) `dequantize`,
+    which needs the rule's `reduce_axes` for int4."""
+    rule = rule_for(path, rules)
+    if method in DYNAMIC_METHODS and "q" in entry and rule is not None and not rule.gather:
+        return Int8Weight(entry["q"], entry["scale"])
+    return dequantize(entry, getattr(rule, "reduce_axes", ()))  # an int4 weight's contracted axes say how to unpack it
 
 
 def _absmax_scale(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:

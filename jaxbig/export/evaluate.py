@@ -45,3 +45,25 @@ def perplexity(version_dir: str | Path, windows_NBT: np.ndarray) -> float:
         return -jnp.take_along_axis(logp_BTV, window_BT[:, 1:, None], axis=-1).mean()
 
     return float(np.exp(np.mean([float(nll(leaves, w)) for w in windows_NBT])))
+
+
+def onnx_bytes(version_dir: str | Path) -> int:
+    """Bytes ONNX Runtime loads for serving_default: onnx/model.onnx (jaxbig.interop.onnx writes no external data)."""
+    return (Path(version_dir) / "onnx" / "model.onnx").stat().st_size
+
+
+def onnx_perplexity(version_dir: str | Path, windows_NBT: np.ndarray) -> float:
+    """`perplexity` of the export's ONNX serving_default on ONNX Runtime (every graph optimisation on)."""
+    # onnxruntime is imported only to evaluate ONNX exports.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(Path(version_dir) / "onnx" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    nlls = []
+    for window_BT in windows_NBT:
+        logits_BTV = session.run(["logits"], {"tokens": window_BT[:, :-1]})[0].astype(np.float64)
+        logp_BTV = logits_BTV - logits_BTV.max(-1, keepdims=True)
+        logp_BTV -= np.log(np.exp(logp_BTV).sum(-1, keepdims=True))
+        nlls.append(-np.take_along_axis(logp_BTV, window_BT[:, 1:, None], axis=-1).mean())
+    return float(np.exp(np.mean(nlls)))

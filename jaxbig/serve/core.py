@@ -39,9 +39,12 @@ def max_input_rank(servable: Servable) -> int:
 
 
 class ServingCore:
-    def __init__(self, manager: ModelManager, batching: BatchingParameters | None, on_batch=lambda rows, requests: None):
+    def __init__(self, manager: ModelManager, batching: BatchingParameters | None, on_batch=lambda rows, requests: None, observers=()):
         self.manager = manager
         self.batcher = Batcher(batching, on_batch) if batching is not None else None
+        # called with (version, signature, inputs, outputs) after every answered request (monitoring, request
+        # logging); each must return at once (they queue, and do their work on their own threads)
+        self.observers = tuple(observers)
 
     def signature_def(self, servable: Servable, signature: str):
         """The SignatureDef a request names ('' is serving_default); FAILED_PRECONDITION when the version lacks it."""
@@ -106,6 +109,8 @@ class ServingCore:
 
         key = batch_key(inputs) if self.batcher is not None else None
         outputs = call(inputs) if key is None else self.batcher.submit((id(servable), signature, key), inputs, call)
+        for observe in self.observers:
+            observe(servable.version, signature, inputs, outputs)
         return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
     def status_proto(self, spec: ModelSpec):

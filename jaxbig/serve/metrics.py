@@ -3,11 +3,20 @@
 Names are jaxbig's own (TF Serving exports `:tensorflow:serving:*` series whose exact set depends
 on its build); the labels say what a dashboard needs: which model, API, protocol and status.
 One registry per server, so several servers in one process (tests, notebooks) do not collide.
+
+Resources: prometheus_client's ProcessCollector (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+open files, threads; Linux), `jaxbig_serving_memory_limit_bytes` (the cgroup's limit, else the machine's RAM),
+and per version `jaxbig_serving_model_load_seconds` and `jaxbig_serving_model_memory_bytes` (the growth of
+the process's RSS while the version loaded: its weights, runtime state and warmup; approximate when requests
+allocate at the same time). Model monitoring (drift, quality) and request logging add their own series
+(jaxbig.serve.monitor, jaxbig.serve.request_log).
 """
 
 from __future__ import annotations
 
 import prometheus_client as prom
+
+from jaxbig.runtime import memory_limit_bytes
 
 PATH = "/monitoring/prometheus/metrics"
 # Latency buckets from 1 ms to ~33 s (the tiny model answers in milliseconds; generate can take seconds).
@@ -36,6 +45,12 @@ class Metrics:
         )
         self.versions = prom.Gauge("jaxbig_serving_available_versions", "Versions in state AVAILABLE.", ["model"], registry=self.registry)
         self.latest = prom.Gauge("jaxbig_serving_latest_version", "The version Latest(model) resolves to.", ["model"], registry=self.registry)
+        prom.ProcessCollector(registry=self.registry)
+        self.memory_limit = prom.Gauge("jaxbig_serving_memory_limit_bytes", "Memory the process may use: its cgroup's limit, else the machine's RAM.", registry=self.registry)
+        if (limit := memory_limit_bytes()) is not None:
+            self.memory_limit.set(limit)
+        self.load_seconds = prom.Gauge("jaxbig_serving_model_load_seconds", "Seconds a version took to load (warmup included).", ["model", "version"], registry=self.registry)
+        self.load_bytes = prom.Gauge("jaxbig_serving_model_memory_bytes", "Growth of the process's RSS while a version loaded.", ["model", "version"], registry=self.registry)
 
     def observe(self, model: str, api: str, protocol: str, status: str, seconds: float) -> None:
         self.requests.labels(model, api, protocol, status).inc()

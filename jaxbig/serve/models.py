@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxbig.config import ConfigError
+from jaxbig.runtime import rss_bytes
 from jaxbig.serve.errors import invalid_argument, not_found
 from jaxbig.serve.limits import ModelLimits
 
@@ -35,6 +36,12 @@ class VersionState:
     state: str  # START, LOADING, AVAILABLE, UNLOADING or END (ModelVersionStatus.State names)
     error_code: str = "OK"  # tensorflow.error.Code name
     error_message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadStats:
+    seconds: float  # wall time of the load, warmup included
+    rss_growth_bytes: int | None  # the process's RSS after minus before (None where RSS cannot be read)
 
 
 class Servable:
@@ -77,6 +84,31 @@ class Servable:
         return {k: v.numpy() for k, v in outputs.items()}
 
 
+RUNTIMES = ("auto", "tf", "onnx")  # --runtime: auto serves saved_model.pb on TF, else onnx/model.onnx on ONNX Runtime
+
+
+def loader_for(runtime: str):
+    """A ModelManager loader: each version on TensorFlow or ONNX Runtime (jaxbig.serve.onnx_runtime), by `runtime`.
+
+    Both give the same SignatureDefs, so requests are checked, batched, counted and answered the same way.
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {runtime!r} is not supported; use one of {', '.join(RUNTIMES)}")
+
+    def load(name: str, version: int, path: Path, *, warmup: bool = True):
+        onnx_file = Path(path) / "onnx" / "model.onnx"
+        use_onnx = runtime == "onnx" or (runtime == "auto" and not (Path(path) / "saved_model.pb").is_file() and onnx_file.is_file())
+        if not use_onnx:
+            return Servable(name, version, path, warmup=warmup)
+        if not onnx_file.is_file():
+            raise FileNotFoundError(f"{onnx_file} does not exist: --runtime onnx serves exports written with scripts/export.py --format onnx or all")
+        from jaxbig.serve.onnx_runtime import OnnxServable  # onnxruntime loads only where a version needs it
+
+        return OnnxServable(name, version, path, warmup=warmup)
+
+    return load
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Which servable a request asks for: by version, by label, or the latest (neither)."""
@@ -117,6 +149,7 @@ class ModelManager:
         self._retiring: dict[int, Servable] = {}  # UNLOADING: waiting for their requests to finish
         self._states: dict[int, VersionState] = {}
         self._failed: set[int] = set()
+        self.load_stats: dict[int, LoadStats] = {}  # per loaded version, for the metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_change = lambda: None  # called after every load or unload (metrics)
@@ -145,7 +178,7 @@ class ModelManager:
     def _load(self, version: int) -> None:
         with self._lock:
             self._states[version] = VersionState("LOADING")
-        start = time.perf_counter()
+        start, rss_before = time.perf_counter(), rss_bytes()
         try:
             servable = self._loader(self.name, version, self.base_path / str(version), warmup=self.warmup)
         except Exception as e:  # noqa: BLE001 - any load failure is reported in the version's status, as TF Serving does
@@ -154,10 +187,13 @@ class ModelManager:
                 self._failed.add(version)
                 self._states[version] = VersionState("END", "UNKNOWN", f"{type(e).__name__}: {e}")
             return
+        rss_after = rss_bytes()
+        stats = LoadStats(time.perf_counter() - start, None if rss_before is None or rss_after is None else rss_after - rss_before)
         with self._lock:
             self._loaded[version] = servable
             self._states[version] = VersionState("AVAILABLE")
-        log.info("loaded %s version %d in %.1f s", self.name, version, time.perf_counter() - start)
+            self.load_stats[version] = stats
+        log.info("loaded %s version %d in %.1f s", self.name, version, stats.seconds)
 
     def _finish_retiring(self) -> None:
         for version in [v for v, s in self._retiring.items() if s.inflight == 0]:
@@ -230,6 +266,11 @@ class ModelManager:
     def available_versions(self) -> list[int]:
         with self._lock:
             return sorted(self._loaded)
+
+    def version_paths(self) -> dict[int, Path]:
+        """The directory of every AVAILABLE version."""
+        with self._lock:
+            return {v: s.path for v, s in sorted(self._loaded.items())}
 
 
 def tf_dtype_name(enum: int) -> str:

@@ -31,6 +31,8 @@ from jaxbig.train.setup import build, tokenizer_of
 from jaxbig.train.step import mean_loss
 from jaxbig.xla_options import cache_stats, enable_compilation_cache
 
+REFRESH_PEAK_AFTER_S = 60.0  # runs longer than this measure the CPU matmul peak again at the end (about a second)
+
 
 def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
     """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
@@ -164,7 +166,7 @@ def train(
 
         # --- the loop --------------------------------------------------------------------------
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True, unit="step")
-        clock = _Throughput(tokens_per_step, flops_per_token, peak)
+        clock = _Throughput(tokens_per_step, flops_per_token, peak, batches.waits)
         pending = None  # (step, device metrics, host extras) of a logged step, fetched one step late
         last_record: dict[str, float] = {}
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
@@ -186,13 +188,13 @@ def train(
                 extras = {}
                 if step % cfg.train.eval_every == 0 or save:  # every checkpoint carries its eval loss (keep-best)
                     jax.block_until_ready(state)  # the step's own time counts; the eval's does not
-                    with clock.paused():
+                    with clock.paused("eval"):
                         extras["eval_loss"] = mean_loss(eval_step, state.params, val)
                 pending = (step, step_metrics, extras)
             if save:  # only a state whose step was finite is written: the last checkpoint stays good
                 last_record = _flush(pending, clock, writer, bar, say, is_main, checkpoints, cfg.train.skip_nonfinite)
                 pending = None
-                with clock.paused():
+                with clock.paused("checkpoint"):
                     checkpoints.save(step, state, batches.iterator, last_record["eval_loss"])
             bar.update(1)
         if pending is not None:
@@ -203,6 +205,17 @@ def train(
         writer.close()
 
     step_s = tokens_per_step / float(np.median(clock.rates)) if clock.rates else None
+    median_mfu = metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None
+    long_run = time.perf_counter() - t_start > REFRESH_PEAK_AFTER_S
+    if median_mfu is not None and (median_mfu > 1 or long_run) and jax.devices()[0].platform == "cpu":
+        # A cached CPU peak may have been measured while other work shared the cores (one read 38 GFLOP/s where the
+        # machine does 110+), and every MFU against it reads too high. The cache keeps the best figure measured, so
+        # measuring again converges on the machine's own: after any run long enough that the second it takes is
+        # noise, and always when the step beat the peak (which proves it low).
+        peak = metrics_lib.machine_peak_flops(cfg.model.compute_dtype(), compiler_options=run.compiler_options, refresh=True)
+        median_mfu = metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak)
+        if is_main and median_mfu > 1:
+            say(f"warning: MFU {median_mfu:.2f} > 1: the matmul peak ({peak / 1e9:.0f} GFLOP/s) was measured while other work shared the cores; rerun on a quiet machine for a true MFU")
     summary.update(
         data_wait_s=sum(batches.waits[1:]),  # the first batch (pipeline start-up) falls before throughput is timed
         data_wait_fraction=sum(batches.waits[1:]) / clock.busy_s if clock.busy_s else None,
@@ -215,7 +228,7 @@ def train(
         compile_s=summary["first_call_s"] - step_s if step_s and "first_call_s" in summary else None,
         compilation_cache=dict(cache_stats, dir=str(cache_dir)) if cache_dir else None,
         tokens_per_sec=float(np.median(clock.rates)) if clock.rates else None,
-        mfu=metrics_lib.mfu(float(np.median(clock.rates)), flops_per_token, peak) if clock.rates else None,
+        mfu=median_mfu,
         peak_flops=peak,  # per compute dtype: measured on CPU, published for known GPUs/TPUs, None (no MFU) otherwise
         steps=cfg.train.steps,
         wall_s=time.perf_counter() - t_start,
@@ -235,34 +248,45 @@ def train(
 
 
 class _Throughput:
-    """Tokens/s between logged steps, excluding time spent in evals and checkpoint saves."""
+    """Tokens/s between logged steps, excluding time spent in evals and checkpoint saves, and where the time went.
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+    Each measured interval (since the previous logged step) splits its wall time into `time/compute_s` (steps,
+    dispatch included, less the input waits), `time/data_wait_s` (the loop waiting for its next batch),
+    `time/eval_s` and `time/checkpoint_s` (how long saves held the loop: the device-to-host copy, not the write).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float, waits: list[float]):
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.waits = waits  # the batch stream's per-batch input waits, appended as the loop runs
         self.rates: list[float] = []
         self._step = self._t = None
-        self._excluded = 0.0
+        self._paused = {"eval": 0.0, "checkpoint": 0.0}
+        self._waits_seen = 0
         self.busy_s = 0.0  # time spent in measured steps (input waits included, evals and saves not)
 
     def mark(self, step: int) -> None:
-        self._step, self._t, self._excluded = step, time.perf_counter(), 0.0
+        self._step, self._t = step, time.perf_counter()
+        self._paused = dict.fromkeys(self._paused, 0.0)
+        self._waits_seen = len(self.waits)
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, kind: str):
         t = time.perf_counter()
         yield
-        self._excluded += time.perf_counter() - t
+        self._paused[kind] += time.perf_counter() - t
 
     def measure(self, step: int) -> dict[str, float]:
-        """Rate over the steps since the last mark; call once `step` has finished."""
+        """Rate and time breakdown over the steps since the last mark; call once `step` has finished."""
         if self._step is None or step <= self._step:
             return {}
-        busy = max(time.perf_counter() - self._t - self._excluded, 1e-9)
+        busy = max(time.perf_counter() - self._t - sum(self._paused.values()), 1e-9)
+        data_wait = float(sum(self.waits[self._waits_seen :]))
         self.busy_s += busy
         rate = (step - self._step) * self.tokens_per_step / busy
         self.rates.append(rate)
+        breakdown = {"time/compute_s": busy - data_wait, "time/data_wait_s": data_wait, **{f"time/{k}_s": v for k, v in self._paused.items()}}
         self.mark(step)
-        return {"tokens_per_sec": rate, "mfu": metrics_lib.mfu(rate, self.flops_per_token, self.peak)}
+        return {"tokens_per_sec": rate, "mfu": metrics_lib.mfu(rate, self.flops_per_token, self.peak), **breakdown}
 
 
 def _host_mean(x: jax.Array) -> float:
@@ -290,6 +314,7 @@ def _flush(pending, clock: _Throughput, writer, bar, say, is_main: bool, checkpo
             f"stopping. The last checkpoint, step {checkpoints.latest_step()}, is good. Lower optim.learning_rate"
         )
     record.update(clock.measure(step))
+    record.update(metrics_lib.memory_record())
     record.update(extras)
     writer.write(step, record)
     if is_main:
