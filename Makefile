@@ -74,7 +74,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,export,serve,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,export,serve,onnx,ps]'
 	@# tensorflow-serving-api requires the full `tensorflow` wheel, which would overwrite tensorflow-cpu;
 	@# its protos (PredictionLog for warmup records, PredictionService) need only what is installed already.
 	$(PY) -m pip install --quiet --no-deps 'tensorflow-serving-api==2.21.*'

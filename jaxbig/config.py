@@ -201,7 +201,9 @@ class DataConfig:
 OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 COMPRESSIONS = ("none", "bf16", "int8", "topk", "powersgd", "sign")
-OUTER = ("none", "diloco")
+OUTER = ("none", "diloco", "async_ps")
+PS_ALGORITHMS = ("async_sgd", "async_local_sgd")
+PUSH_COMPRESSIONS = ("none", "bf16", "int8", "topk", "powersgd")  # what jaxbig.ps can send a push as
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,10 +232,10 @@ class OptimConfig:
     topk_fraction: float = 0.01  # topk: share of each gradient's entries sent per step
     error_feedback: bool = True  # compression: add what compression dropped to the next step's gradient
     compression_start_step: int = 0  # compression: exact f32 all-reduce for steps before this one, then compress (0: from the first)
-    outer: str = "none"  # none, or diloco: local steps per data replica with an outer Nesterov step
+    outer: str = "none"  # none; diloco: local steps per data replica with an outer Nesterov step; async_ps: the parameter server on Ray (the ps section)
     sync_every: int = 8  # diloco: H, inner steps between synchronisations
-    outer_learning_rate: float = 0.8  # diloco: outer learning rate on the averaged delta (paper, H=500: 0.7)
-    outer_momentum: float = 0.0  # diloco: outer Nesterov momentum (paper, H=500: 0.9; at H=8 it overshoots)
+    outer_learning_rate: float = 0.8  # diloco and ps.algorithm=async_local_sgd: outer learning rate on the delta (paper, H=500: 0.7)
+    outer_momentum: float = 0.0  # diloco and async_local_sgd: outer Nesterov momentum (paper, H=500: 0.9; at H=8 it overshoots)
     local_start_step: int = 0  # diloco: synchronous data-parallel steps before this one, then local steps (0: local from the first)
 
     def __post_init__(self):
@@ -262,7 +264,7 @@ class OptimConfig:
             f"optim.powersgd_view={self.powersgd_view!r}: use matrix, stacked or fused",
         )
         _require(0.0 < self.topk_fraction <= 1.0, f"optim.topk_fraction={self.topk_fraction} must be in (0, 1]")
-        _require(self.outer in OUTER, f"optim.outer={self.outer!r}: use none or diloco")
+        _require(self.outer in OUTER, f"optim.outer={self.outer!r}: use none, diloco or async_ps")
         _require(self.sync_every >= 1, f"optim.sync_every={self.sync_every} must be >= 1")
         _require(self.outer_learning_rate > 0, f"optim.outer_learning_rate={self.outer_learning_rate} must be positive")
         _require(0.0 <= self.outer_momentum < 1.0, f"optim.outer_momentum={self.outer_momentum} must be in [0, 1)")
@@ -287,7 +289,7 @@ class OptimConfig:
             f"or {self.local_start_step - self.local_start_step % self.sync_every + self.sync_every}",
         )
         _require(
-            self.outer == "none" or self.compression == "none",
+            self.outer != "diloco" or self.compression == "none",
             f"optim.outer={self.outer!r} with optim.compression={self.compression!r}: DiLoCo already communicates only every "
             f"optim.sync_every={self.sync_every} steps and sends parameter deltas, not gradients; set optim.compression=none",
         )
@@ -396,6 +398,49 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PSConfig:
+    """The parameter server (optim.outer=async_ps, jaxbig.ps): server shards and workers as Ray actors.
+
+    Steps count worker steps (batches of train.batch_size) summed over the workers: train.steps is the
+    token budget, and log/eval/checkpoint cadences are in the same steps.
+    """
+
+    workers: int = 2  # worker actors; each owns devices_per_worker devices and runs the run's jitted step on them
+    devices_per_worker: int = 1  # devices per worker, laid out by the mesh section (one worker's mesh)
+    num_server_shards: int = 1  # server actors; the params and their optimizer state are split over them by param groups
+    algorithm: str = "async_sgd"  # async_sgd (a gradient per step, applied on arrival) or async_local_sgd (a parameter delta every local_steps)
+    max_staleness: int = 4  # SSP bound: a worker more than this many pushes ahead of the slowest waits (0 = synchronous rounds)
+    local_steps: int = 8  # async_local_sgd: H, inner steps per push (the fastest worker's, with dynamic_local_steps)
+    dynamic_local_steps: bool = True  # async_local_sgd: DyLU (Liu et al. 2024), each worker's H scaled by its measured speed
+    momentum_delay: int = 0  # async_local_sgd: N, pushes per delayed Nesterov momentum update (0 = ps.workers; 1 = plain Nesterov)
+    worker_slowdown: tuple[float, ...] = ()  # per worker, each >= 1: worker i sleeps (f-1) x its compute time per step (empty: all 1)
+    max_restarts: int = 3  # how often Ray restarts a worker whose process died; it rejoins from the server's params
+
+    def __post_init__(self):
+        for name in ("workers", "devices_per_worker", "num_server_shards", "local_steps"):
+            _require(getattr(self, name) >= 1, f"ps.{name}={getattr(self, name)} must be >= 1")
+        _require(self.algorithm in PS_ALGORITHMS, f"ps.algorithm={self.algorithm!r}: use one of {', '.join(PS_ALGORITHMS)}")
+        _require(
+            self.max_staleness >= 0,
+            f"ps.max_staleness={self.max_staleness} must be >= 0 (0 = synchronous rounds, larger = more asynchronous)",
+        )
+        _require(self.momentum_delay >= 0, f"ps.momentum_delay={self.momentum_delay} must be >= 0 (0 = ps.workers)")
+        _require(self.max_restarts >= 0, f"ps.max_restarts={self.max_restarts} must be >= 0")
+        _require(
+            not self.worker_slowdown or len(self.worker_slowdown) == self.workers,
+            f"ps.worker_slowdown has {len(self.worker_slowdown)} entries for ps.workers={self.workers}; give one per worker "
+            f"(e.g. {','.join(['1'] * (self.workers - 1) + ['3'])}) or none",
+        )
+        _require(
+            all(f >= 1.0 for f in self.worker_slowdown),
+            f"ps.worker_slowdown={','.join(map(str, self.worker_slowdown))}: each factor must be >= 1 (1 = full speed, 3 = 3x slower)",
+        )
+
+    def slowdown(self, worker: int) -> float:
+        return self.worker_slowdown[worker] if self.worker_slowdown else 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -406,6 +451,7 @@ class Config:
     compile: CompileConfig = CompileConfig()
     prune: PruneConfig = PruneConfig()
     distill: DistillConfig = DistillConfig()
+    ps: PSConfig = PSConfig()
 
     def __post_init__(self):
         _require(
@@ -434,12 +480,14 @@ class Config:
                 f"use a step below {self.train.steps}, or 0 to turn the warm-up off",
             )
         _require(
-            self.optim.outer == "none" or self.train.steps % self.optim.sync_every == 0,
+            self.optim.outer != "diloco" or self.train.steps % self.optim.sync_every == 0,
             f"train.steps={self.train.steps} is not a multiple of optim.sync_every={self.optim.sync_every}; with optim.outer=diloco "
             f"the last {self.train.steps % self.optim.sync_every} inner steps would never reach the synchronised model; "
             f"use train.steps={self.train.steps - self.train.steps % self.optim.sync_every or self.optim.sync_every}",
         )
 
+        if self.optim.outer == "async_ps":
+            self._check_ps()
         if self.prune.method != "none":
             _require(
                 self.prune.end_step <= self.train.steps,
@@ -453,10 +501,36 @@ class Config:
                 f"optim.outer={self.optim.outer!r} (the shard_map step); set those to none",
             )
 
+    def _check_ps(self) -> None:
+        ps, optim = self.ps, self.optim
+        _require(
+            optim.compression in PUSH_COMPRESSIONS,
+            f"optim.compression={optim.compression!r} with optim.outer=async_ps: pushes can be {', '.join(PUSH_COMPRESSIONS)}",
+        )
+        _require(
+            optim.compression_start_step == 0,
+            f"optim.compression_start_step={optim.compression_start_step} with optim.outer=async_ps: pushes are compressed from the first; use 0",
+        )
+        _require(
+            not self.data.prepared,
+            f"data.prepared={self.data.prepared!r} with optim.outer=async_ps: the parameter server reads raw-text windows "
+            "(batch = f(seed, index), one index stream per worker); drop data.prepared",
+        )
+        _require(
+            not (ps.algorithm == "async_sgd" and ps.max_staleness == 0 and self.train.steps % ps.workers),
+            f"train.steps={self.train.steps} is not a multiple of ps.workers={ps.workers}; with ps.max_staleness=0 every round "
+            f"takes one step from each worker; use train.steps={self.train.steps - self.train.steps % ps.workers or ps.workers}",
+        )
+        _require(
+            not self.train.skip_nonfinite,
+            "train.skip_nonfinite=true with optim.outer=async_ps: the server applies every push; set it to false",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"]["paths"] = list(d["data"]["paths"])
         d["prune"]["include"] = list(d["prune"]["include"])
+        d["ps"]["worker_slowdown"] = list(d["ps"]["worker_slowdown"])
         return d
 
     def to_yaml(self) -> str:
@@ -601,6 +675,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "PSConfig",
     "PruneConfig",
     "TrainConfig",
     "config_from_dict",

@@ -19,6 +19,12 @@ with 0 and 2 workers against what training consumes, step time waiting on data, 
 blocked per async save, and save/restore throughput against a plain copy; writes the
 `bench:data` section.
 
+    python scripts/bench.py --ps [--config small] [--steps 192]
+
+The parameter server (see benchmarks/ps.py): 3 Ray workers, one 3x slower, synchronous vs async SGD
+(bound 4) vs async local SGD (H=8, delayed Nesterov, dynamic local updates) to the same token budget:
+wall-clock to a target validation loss, the loss at the budget, staleness; writes `bench:ps`.
+
     python scripts/bench.py --serving [--seconds 30] [--clients 8] [--runtimes tf onnx]
 
 The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
@@ -69,8 +75,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 # The foundation benchmark measures one device, the process's first; the compression benchmark
-# and data benchmarks need 8 (emulated) devices, so only they emulate them (before jax is imported).
-if "--compression" in sys.argv[1:] or "--data" in sys.argv[1:]:
+# and data benchmarks need 8 (emulated) devices (the ps benchmark: 3 workers x 1 device of them), so only they emulate them (before jax is imported).
+if "--compression" in sys.argv[1:] or "--data" in sys.argv[1:] or "--ps" in sys.argv[1:]:
     from jaxbig.runtime import emulate_cpu_devices
 
     emulate_cpu_devices(8)
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxtext-python", default=None, metavar="PYTHON", help="--perf: an interpreter with `pip install maxtext` (benchmarks/peers/maxtext.md) to run MaxText beside jaxbig")
     parser.add_argument("--profiles", action="store_true", help="XLA option profiles and speed options, one by one against the defaults")
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
+    parser.add_argument("--ps", action="store_true", help="the parameter-server benchmark: sync vs async SGD vs async local SGD, 3 workers, one 3x slower")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
     parser.add_argument("--monitoring", action="store_true", help="serving with model monitoring off vs on (p50/p99 at --clients, --seconds per run)")
@@ -115,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         return perf.main(args, command) if args.perf else profiles.main(args, command)
+    if args.ps:
+        from benchmarks import ps
+
+        command = "python scripts/bench.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        return ps.main(args, command)
     if args.monitoring:
         from benchmarks import monitoring
 

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     add_distributed_args(parser)
     parser.add_argument("--fresh", action="store_true", help="delete the run_dir's checkpoints and metrics and start over")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument(
+        "--ray_address", default=None, metavar="HOST:PORT",
+        help="optim.outer=async_ps: join the Ray cluster there (`ray start --head`) instead of starting a local one in the run",
+    )
     args = parser.parse_args(argv)
     try:
         spec = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
@@ -40,6 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         emulate_cpu_devices(8 // processes if 8 % processes == 0 else 1)  # before JAX creates its devices
         distributed.initialize(spec, heartbeat_timeout_s=args.heartbeat_timeout)
         cfg, mesh_spec = config_from_args(args)
+        if cfg.optim.outer == "async_ps":  # the parameter server on Ray actors (needs the .[ps] extra)
+            if spec is not None:
+                raise ConfigError("optim.outer=async_ps runs one driver process; its workers are Ray actors (drop the multi-process flags)")
+            try:
+                from jaxbig.ps.driver import train_ps
+            except ModuleNotFoundError as e:
+                if e.name != "ray":
+                    raise
+                raise ConfigError("optim.outer=async_ps needs Ray: pip install -e '.[ps]' (make setup installs it)") from None
+            train_ps(cfg, ray_address=args.ray_address, fresh=args.fresh, progress=not args.no_progress)
+            return 0
+        if args.ray_address:
+            raise ConfigError(f"--ray_address {args.ray_address} is for optim.outer=async_ps (the parameter server); this run is optim.outer={cfg.optim.outer}")
         from jaxbig.train.loop import train
 
         train(cfg, mesh_spec=mesh_spec, fresh=args.fresh, progress=not args.no_progress and spec is None)

@@ -1,6 +1,6 @@
 """Imports run one way: every module's imports, parsed, form no cycle and no edge against the direction.
 
-scripts/, benchmarks/ -> train/, export/, interop/, serve/ -> optim/, compress/, data/, checkpoint/ -> models/, parallel/ -> config.
+scripts/, benchmarks/ -> ps/ -> train/, export/, interop/, serve/ -> optim/, compress/, data/, checkpoint/ -> models/, parallel/ -> config.
 Lazy imports (inside functions) count like any other, so a lazy import cannot hide a cycle from this test; each
 lazy import says in a comment why it is lazy (the exception: THIRD_PARTY_LAZY_DOCUMENTED_BY_PACKAGE).
 """
@@ -18,7 +18,7 @@ LAYER = {
     "jaxbig.config": 0, "jaxbig.xla_options": 0, "jaxbig.runtime": 0, "jaxbig.profile": 0, "jaxbig": 0,
     "jaxbig.models": 1, "jaxbig.parallel": 1,
     "jaxbig.optim": 2, "jaxbig.compress": 2, "jaxbig.data": 2, "jaxbig.checkpoint": 2,
-    "jaxbig.train": 3, "jaxbig.export": 3, "jaxbig.interop": 3, "jaxbig.serve": 3, "jaxbig.sample": 3, "jaxbig.cli": 3,
+    "jaxbig.train": 3, "jaxbig.ps": 3, "jaxbig.export": 3, "jaxbig.interop": 3, "jaxbig.serve": 3, "jaxbig.sample": 3, "jaxbig.cli": 3,
     "benchmarks": 4, "scripts": 5,
 }  # fmt: skip
 # Edges the layers alone allow (same layer or downwards) but the design forbids.
@@ -30,7 +30,8 @@ FORBIDDEN = {
     "jaxbig.serve": {"jaxbig.train", "jaxbig.optim", "jaxbig.parallel"},
     "jaxbig.export": {"jaxbig.train"},
     "jaxbig.interop": {"jaxbig.train", "jaxbig.optim"},  # reads and writes run directories, never the loop
-    "jaxbig.train": {"jaxbig.interop"},  # fine-tuning starts from a run directory; conversion is scripts/convert.py's
+    "jaxbig.train": {"jaxbig.interop", "jaxbig.ps"},  # fine-tuning starts from a run directory; conversion is scripts/convert.py's
+    # The parameter server builds on train/ (a worker runs the run's own jitted step); train/ never knows about it.
 }
 
 

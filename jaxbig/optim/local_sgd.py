@@ -128,3 +128,45 @@ def outer_nesterov(learning_rate: float, momentum: float) -> optax.GradientTrans
     if momentum == 0:
         return optax.sgd(learning_rate)
     return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+
+
+class DelayedNesterovState(NamedTuple):
+    count: jax.Array  # int32: pseudo-gradients received
+    momentum: Any  # m, like the params: updated once every `delay` pushes
+    buffer: Any  # sum of the pseudo-gradients since the last momentum update, like the params
+
+
+def delayed_nesterov(learning_rate: float, momentum: float, delay: int) -> optax.GradientTransformation:
+    """The outer optimizer of asynchronous local SGD: Delayed Nesterov (DN), Liu et al. 2024 (arXiv 2401.09135).
+
+    Asynchronously arriving pseudo-gradients Δ come from workers that started at different versions;
+    applying Nesterov momentum on every arrival accelerates stale directions, which the paper finds
+    is what makes naive asynchronous local SGD lag its synchronous counterpart. DN applies each Δ at
+    once as a plain step, and folds the pushes into the momentum only every `delay` (N) of them:
+
+        every push t:   buffer += Δ_t;   θ -= lr · Δ_t
+        when t % N = 0: m = β·m + buffer / N;   θ -= lr · β · m;   buffer = 0
+
+    With N = 1 this is exactly Nesterov SGD (optax.sgd(lr, β, nesterov=True): θ -= lr·(β·m + Δ) with
+    m = β·m + Δ); with β = 0 it is plain SGD on the pseudo-gradients. This is our reading of the
+    paper's Algorithm 2 (momentum from the buffered average every N updates, the gradient term every
+    update); the paper sets N to the number of workers.
+    """
+    if delay < 1:
+        raise ValueError(f"delayed Nesterov delay={delay} must be >= 1")
+
+    def init(params) -> DelayedNesterovState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return DelayedNesterovState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+    def update(delta, state: DelayedNesterovState, params=None):
+        del params
+        count = state.count + 1
+        buffer = jax.tree.map(jnp.add, state.buffer, delta)
+        fold = count % delay == 0  # this push completes N: the momentum takes the buffered mean and is applied
+        momentum_new = jax.tree.map(lambda m, b: jnp.where(fold, momentum * m + b / delay, m), state.momentum, buffer)
+        updates = jax.tree.map(lambda d, m: -learning_rate * (d + jnp.where(fold, momentum * m, 0.0)), delta, momentum_new)
+        buffer = jax.tree.map(lambda b: jnp.where(fold, jnp.zeros_like(b), b), buffer)
+        return updates, DelayedNesterovState(count, momentum_new, buffer)
+
+    return optax.GradientTransformation(init, update)

@@ -66,7 +66,7 @@ def build_optimizer(
         outer = local_sgd.outer_nesterov(cfg.outer_learning_rate, cfg.outer_momentum)
         diloco = local_sgd.diloco(tx, outer, sync_every=cfg.sync_every, num_replicas=num_replicas, local_start_step=cfg.local_start_step)
         return diloco, schedule
-    if cfg.compression != "none":
+    if cfg.compression != "none" and cfg.outer != "async_ps":  # async_ps compresses pushes (jaxbig.ps), not a collective
         compress = compression.from_name(
             cfg.compression,
             num_replicas,
@@ -83,7 +83,11 @@ def build_optimizer(
 
 
 def uses_data_parallel_step(cfg: OptimConfig) -> bool:
-    """Whether the step must take local gradients under shard_map (compression or DiLoCo)."""
+    """Whether the step must take local gradients under shard_map (compression or DiLoCo).
+
+    Not with optim.outer=async_ps: its workers run the plain step, and compression applies to their pushes."""
+    if cfg.outer == "async_ps":
+        return False
     return cfg.compression != "none" or cfg.outer != "none"
 
 

@@ -34,7 +34,7 @@ from jaxbig.xla_options import cache_stats, enable_compilation_cache
 REFRESH_PEAK_AFTER_S = 60.0  # runs longer than this measure the CPU matmul peak again at the end (about a second)
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
+def prepare_run_dir(cfg: Config, run_dir: Path, fresh: bool, is_main: bool = True) -> None:
     """Refuses to mix two different runs in one directory; `fresh` clears an old run first.
 
     Every process checks (so all of them refuse together); only the main process deletes and writes.
@@ -74,6 +74,8 @@ def train(
     `stop_after` ends this invocation after that step (checkpointed) as if the job were
     interrupted there; running again resumes it.
     """
+    if cfg.optim.outer == "async_ps":
+        raise ConfigError("optim.outer=async_ps runs on Ray workers: train it with jaxbig.ps.train_ps (scripts/train.py does)")
     t_start = time.perf_counter()
     cache_dir = enable_compilation_cache(cfg.compile.cache_dir)  # before the first compile
     is_main = jax.process_index() == 0
@@ -87,7 +89,7 @@ def train(
     # planner shares); a bad layout or XLA profile fails here, before anything is allocated or the run dir touched.
     run = build(cfg, mesh, tokenizer=tokenizer)
     corpus = None if prepared else load_corpus(cfg.data.paths, cfg.data.val_fraction, cfg.data.max_bytes)
-    _prepare_run_dir(cfg, run_dir, fresh, is_main)
+    prepare_run_dir(cfg, run_dir, fresh, is_main)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     # Outside the mesh context (it runs on one device); in the compute dtype, with the step's XLA options.
     peak = metrics_lib.machine_peak_flops(cfg.model.compute_dtype(), compiler_options=run.compiler_options)
@@ -331,4 +333,4 @@ def _data_note(corpus, prepared: PreparedData | None, cfg: Config) -> str:
     )
 
 
-__all__ = ["ByteTokenizer", "train"]
+__all__ = ["ByteTokenizer", "prepare_run_dir", "train"]

@@ -160,6 +160,11 @@ class MetricsWriter:
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
 
+    def histogram(self, name: str, values, step: int) -> None:
+        """A TensorBoard histogram of `values` at `step` (e.g. the staleness of a parameter server's pushes)."""
+        if self.enabled and len(values):
+            self._tb.add_histogram(name, np.asarray(values, np.float64), int(step))
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -76,6 +76,28 @@ def make_train_step(
     return distill_train_step
 
 
+def make_grad_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers, *, accumulate_steps: int = 1, grad_clip: float = 0.0):
+    """`grad_step(params, batch) -> (grads, metrics)`: the train step's gradient half, for a worker that pushes
+    gradients to a parameter server (`jaxbig.ps`) which applies the optimizer.
+
+    The same loss, microbatching and global-norm clipping (`optim.grad_clip`, first in the run's optimizer
+    chain, see `jaxbig.optim.build_optimizer`) as `make_train_step`; the server applies the rest of the chain.
+    """
+
+    def grad_step(params: Params, batch: Batch) -> tuple[Params, dict[str, jax.Array]]:
+        loss_of = lambda p, b: loss_fn(p, graphdef, b, run_layers)  # noqa: E731
+        if accumulate_steps == 1:
+            loss, grads = jax.value_and_grad(loss_of)(params, batch)
+        else:
+            loss, grads = accumulated_value_and_grad(loss_of, params, batch, accumulate_steps)
+        grad_norm = optax.tree.norm(grads)
+        if grad_clip > 0:
+            grads, _ = optax.clip_by_global_norm(grad_clip).update(grads, optax.EmptyState())
+        return grads, {"loss": loss, "grad_norm": grad_norm}
+
+    return grad_step
+
+
 def make_eval_step(graphdef: nnx.GraphDef, run_layers: LayerRunner = scan_layers):
     def eval_step(params: Params, batch: Batch) -> jax.Array:
         return loss_fn(params, graphdef, batch, run_layers)

@@ -1,0 +1,274 @@
+"""The parameter server (optim.outer=async_ps) on a real local Ray cluster: no mocks.
+
+One Ray cluster serves the module (a private temp dir, 4 logical CPUs); each run starts its own server and
+worker actors in processes of their own, each worker with its own emulated CPU devices.
+"""
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import TINY
+from jaxbig.config import ConfigError, load_config
+from jaxbig.optim.local_sgd import delayed_nesterov
+from jaxbig.optim.push_compression import PushCodec
+
+ray = pytest.importorskip("ray")
+# Ray starts its processes with fork + exec, which runs no Python in the child; JAX's at-fork hook warns anyway.
+pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp_dir = tempfile.mkdtemp(prefix="jaxbig-test-ray-")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cfg(text_dir, run_dir, *sets):
+    """TINY as a parameter-server run; `sets` override its entries."""
+    base = [*TINY, f"data.paths={text_dir}", f"train.run_dir={run_dir}", "mesh.data=1", "optim.outer=async_ps", "train.eval_every=1000"]
+    keys = {s.split("=", 1)[0] for s in sets}
+    return load_config(None, [*(b for b in base if b.split("=", 1)[0] not in keys), *sets])
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- the pieces, no Ray
+
+
+def test_delayed_nesterov_with_delay_one_is_nesterov_sgd():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    dn, ref = delayed_nesterov(0.7, 0.9, 1), optax.sgd(0.7, momentum=0.9, nesterov=True)
+    s_dn, s_ref = dn.init(params), ref.init(params)
+    for _ in range(4):
+        g = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+        u_dn, s_dn = dn.update(g, s_dn)
+        u_ref, s_ref = ref.update(g, s_ref)
+        # Same operations in another association: a few float32 ulps of values ~1.
+        np.testing.assert_allclose(u_dn["w"], u_ref["w"], rtol=1e-6, atol=1e-6)
+
+
+def test_delayed_nesterov_folds_momentum_every_n_pushes():
+    params = {"w": jnp.zeros(2)}
+    dn = delayed_nesterov(1.0, 0.5, 2)
+    state = dn.init(params)
+    u1, state = dn.update({"w": jnp.ones(2)}, state)
+    np.testing.assert_array_equal(u1["w"], -1.0)  # push 1: the gradient term only
+    np.testing.assert_array_equal(state.momentum["w"], 0.0)
+    u2, state = dn.update({"w": 3 * jnp.ones(2)}, state)
+    # push 2 completes N=2: m = 0.5·0 + (1+3)/2 = 2; update = -(3 + 0.5·2) = -4
+    np.testing.assert_array_equal(state.momentum["w"], 2.0)
+    np.testing.assert_array_equal(u2["w"], -4.0)
+
+
+@pytest.mark.parametrize("method", ["int8", "topk", "powersgd", "bf16"])
+def test_push_codec_error_feedback_sends_everything_eventually(method):
+    """With error feedback, what was decoded over k pushes plus the residual is exactly what was pushed."""
+    from jaxbig.optim.compression import MatrixView
+
+    shapes = {"a/w": (64, 48), "b": (300,)}
+    views = {"a/w": MatrixView(rows=(0,), cols=(1,)), "b": None}
+    codec = PushCodec(method, shapes, fraction=0.05, rank=2, views=views)
+    state = codec.init()
+    rng = np.random.default_rng(1)
+    pushed = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    got = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    for _ in range(3):
+        update = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+        payload, state = codec.encode(update, state)
+        for n, v in codec.decode(payload).items():
+            got[n] += np.asarray(v)
+            pushed[n] += update[n]
+    assert codec.nbytes(payload) < sum(4 * np.prod(s) for s in shapes.values())  # fewer bytes than float32
+    for n in shapes:
+        # Sums of 3 values ~N(0,1) and their float32 re-additions: a few ulps of numbers < 10.
+        np.testing.assert_allclose(got[n] + np.asarray(state.residual[n]), pushed[n], atol=1e-5)
+
+
+def _server_pushes(cfg, shapes, steps: int = 3, workers: int = 1):
+    """`steps` rounds of int8-coded random gradients from `workers` workers, as the worker would send them."""
+    from jaxbig.ps.setup import push_codec
+
+    codec, rng = push_codec(cfg), np.random.default_rng(2)
+    states = [codec.init() for _ in range(workers)]
+    rounds = []
+    for _ in range(steps):
+        pushes = []
+        for w in range(workers):
+            payload, states[w] = codec.encode({n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}, states[w])
+            pushes.append(payload)
+        rounds.append(pushes)
+    return rounds, codec
+
+
+def test_server_shards_and_synchronous_rounds_change_no_number(text_dir, tmp_path):
+    """The server's logic in-process (ServerShard is a plain class Ray wraps): params split over 3 shards end where
+    1 shard ends; a synchronous round of 2 pushes applies their mean once; a retried push is applied once.
+
+    The shards run the same elementwise AdamW as separately compiled programs: a few float32 roundings of params
+    ~0.1 per step, so 1e-6 absolute, against updates of ~1e-3 (lr 3e-3 after warm-up).
+    """
+    from jaxbig.ps.groups import shard_groups
+    from jaxbig.ps.server import ServerShard
+    from jaxbig.ps.setup import param_shapes
+
+    cfg = _cfg(text_dir, tmp_path, "optim.compression=int8", "optim.warmup_steps=0", "ps.workers=1")
+    shapes = param_shapes(cfg)
+    params = {n: (0.1 * np.random.default_rng(1).normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+    rounds, codec = _server_pushes(cfg, shapes)
+    whole = ServerShard(cfg, params)
+    groups = shard_groups(shapes, 3)
+    shards = [ServerShard(cfg, {n: params[n] for n in g}) for g in groups]
+    for clock, (payload,) in enumerate(rounds):
+        assert whole.push(0, clock, payload) == (clock, clock + 1)
+        for shard, g in zip(shards, groups):
+            shard.push(0, clock, {n: payload[n] for n in g})
+    assert whole.push(0, 2, rounds[2][0]) == (2, 3)  # the same round again (a retry): not applied twice
+    version, ref = whole.pull()
+    split = {n: v for shard in shards for n, v in shard.pull()[1].items()}
+    assert version == 3 and sorted(split) == sorted(ref)
+    for n in ref:
+        np.testing.assert_allclose(split[n], ref[n], rtol=0, atol=1e-6)
+    assert max(np.abs(ref[n] - params[n]).max() for n in ref) > 1e-3  # they did move
+
+    # SGD here: AdamW's first update would not tell a mean from a sum (it is invariant to the gradient's scale).
+    sgd = ("optim.optimizer=sgd", "optim.weight_decay=0", "optim.warmup_steps=0")
+    sync = _cfg(text_dir, tmp_path, *sgd, "optim.compression=int8", "ps.workers=2", "ps.max_staleness=0", "train.steps=300")
+    pairs, _ = _server_pushes(sync, shapes, steps=1, workers=2)
+    exact = _cfg(text_dir, tmp_path, *sgd, "ps.workers=1", "train.steps=150")  # the same schedule: 300 / 2 updates
+    rounds_server, mean_server = ServerShard(sync, params), ServerShard(exact, params)
+    assert rounds_server.push(0, 0, pairs[0][0]) == (0, 0)  # half a round: nothing applied yet
+    assert rounds_server.push(1, 0, pairs[0][1]) == (0, 1)
+    decoded = [codec.decode(p) for p in pairs[0]]
+    mean = {n: (np.asarray(decoded[0][n]) + np.asarray(decoded[1][n])) / 2 for n in shapes}
+    mean_server.push(0, 0, {n: (v,) for n, v in mean.items()})  # pushes without compression are the float32 arrays
+    got, want = rounds_server.pull()[1], mean_server.pull()[1]
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=1e-6)
+
+
+def test_bad_input_fails_in_one_line_before_anything_starts(text_dir, tmp_path):
+    from jaxbig.ps.cluster import check_address
+    from jaxbig.ps.driver import train_ps
+
+    errors = []
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.outer=async_ps", "ps.max_staleness=-1"])
+    errors.append(str(e.value))
+    assert "ps.max_staleness=-1" in errors[-1]
+    run_dir = tmp_path / "never"
+    with pytest.raises(ConfigError) as e:  # 9 x 1 devices on a host of 8
+        train_ps(_cfg(text_dir, run_dir, "ps.workers=9"), progress=False)
+    errors.append(str(e.value))
+    assert "ps.workers=9" in errors[-1] and "8" in errors[-1]
+    with pytest.raises(ConfigError) as e:  # tensor=4 in a worker of 2 devices
+        train_ps(_cfg(text_dir, run_dir, "ps.devices_per_worker=2", "mesh.tensor=4"), progress=False)
+    errors.append(str(e.value))
+    assert "ps.devices_per_worker=2" in errors[-1]
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError) as e:
+        train_ps(_cfg(text_dir, run_dir), ray_address=f"127.0.0.1:{port}", progress=False)
+    errors.append(str(e.value))
+    assert f"127.0.0.1:{port} is not reachable" in errors[-1]
+    with pytest.raises(ConfigError):
+        check_address("nohostport")
+    assert all("\n" not in m for m in errors), errors
+    assert not run_dir.exists()  # nothing was written
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+def test_one_worker_without_staleness_matches_the_synchronous_run(cluster, text_dir, tmp_path):
+    """ps.workers=1 (a 2-device tensor-parallel worker), ps.max_staleness=0, the params split over 2 server shards:
+    per-step losses equal jaxbig's synchronous loop's on the same 2-device mesh within 1e-5.
+
+    Same seed, same batches, same optimizer; the worker's gradient program and the server's update program are
+    compiled apart from the fused train step, so XLA may associate float32 sums differently. With SGD an update
+    is lr·g, so a relative gradient difference of a few float32 ulps (~1e-7·|g|) moves each param by ~1e-7·lr·|g|
+    and the loss by far less than 1e-6 over these steps (loss ~5.5, whose own rounding is ~5.5·6e-8·log2(B·T·V)
+    ≈ 6e-6 at most); 1e-5 is the issue's bound and sits above both. Measured here: identical (difference 0.0).
+    """
+    from jaxbig.ps.driver import train_ps
+    from jaxbig.train.loop import train
+
+    # The worker is itself a mesh: 2 devices, tensor-parallel, laid out as the synchronous run lays out its 2.
+    sets = ["optim.optimizer=sgd", "optim.learning_rate=0.5", "optim.weight_decay=0", "train.log_every=1", "train.steps=6", "mesh.tensor=2"]
+    sync = load_config(None, [*TINY, f"data.paths={text_dir}", f"train.run_dir={tmp_path / 'sync'}", "mesh.data=1", "train.eval_every=1000", *sets])
+    train(sync, progress=False)
+    ps = _cfg(text_dir, tmp_path / "ps", *sets, "ps.workers=1", "ps.max_staleness=0", "ps.devices_per_worker=2", "ps.num_server_shards=2")
+    summary = train_ps(ps, progress=False)
+    sync_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "sync") if "loss" in r}
+    ps_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "ps") if "loss" in r}
+    assert sorted(ps_losses) == sorted(sync_losses) == list(range(1, 7))
+    np.testing.assert_allclose([ps_losses[s] for s in range(1, 7)], [sync_losses[s] for s in range(1, 7)], rtol=0, atol=1e-5)
+    assert summary["version"] == 6 and summary["staleness_max"] == 0
+    sync_summary = json.loads((tmp_path / "sync" / "summary.json").read_text())
+    assert abs(summary["final_eval_loss"] - sync_summary["final_eval_loss"]) < 1e-5
+
+
+def test_async_local_sgd_survives_a_killed_worker_and_a_stopped_driver(cluster, text_dir, tmp_path):
+    """Async local SGD, 2 workers (one 2x slower), staleness bound 1, int8 pushes.
+
+    The first driver run has worker 0 killed with SIGKILL mid-run and stops after the checkpoint at step 12
+    (as if the driver were killed there); the same call again resumes from it and finishes.
+    """
+    from jaxbig.ps.driver import WORKERS_FILE, train_ps
+
+    run_dir = tmp_path / "run"
+    cfg = _cfg(
+        text_dir, run_dir, "ps.algorithm=async_local_sgd", "ps.workers=2", "ps.local_steps=4", "ps.worker_slowdown=1,2",
+        "ps.max_staleness=1", "optim.compression=int8", "optim.outer_learning_rate=0.7",
+        "optim.outer_momentum=0.5", "train.steps=24", "train.checkpoint_every=12", "train.log_every=2",
+    )  # fmt: skip
+    killed = []
+
+    def kill_worker_mid_run():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            metrics = run_dir / "metrics.jsonl"
+            if (run_dir / WORKERS_FILE).exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+                pid = json.loads((run_dir / WORKERS_FILE).read_text())["0"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=kill_worker_mid_run, daemon=True)
+    thread.start()
+    first = train_ps(cfg, progress=False, stop_after=12)
+    thread.join(timeout=5)
+    assert killed, "the run ended before the worker could be killed"
+    assert first["worker_restarts"] >= 1 and 12 <= first["steps"] < 24
+    assert json.loads((run_dir / WORKERS_FILE).read_text())["0"] != killed[0]  # a new process took its place
+
+    second = train_ps(cfg, progress=False)
+    assert second["start_step"] == first["steps"]  # resumed from the checkpoint the first driver left
+    assert second["steps"] == 24 and sum(second["positions"]) == 24  # every batch read once, by position
+    assert second["version"] > first["version"]
+    records = [r for r in _records(run_dir) if "pushes" in r]
+    assert max(r["clock_gap_max"] for r in records) <= 1  # SSP: no round started more than 1 ahead of the slowest
+    assert max(r["staleness_max"] for r in records) >= 1  # the fast worker did run ahead
+    # int8 pushes: 1 byte per entry + 4 bytes of scale per 256 (padded per tensor), against 4 bytes per float32.
+    pushed = sum(r["bytes_pushed"] for r in records) / sum(r["pushes"] for r in records)
+    assert pushed < 0.3 * 4 * cfg.model.num_params()
+    assert np.isfinite(second["final_eval_loss"]) and second["final_eval_loss"] < first["initial_eval_loss"] - 0.3
