@@ -210,6 +210,18 @@ def train_ps(
     return summary
 
 
+def _current_pid(worker, timeout_s: float = 300.0) -> int:
+    """The worker's process id, waiting while Ray restarts it (importing JAX and compiling take seconds)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return ray.get(worker.pid.remote())
+        except ray.exceptions.ActorUnavailableError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _schedule(cfg: Config, workers: list, shards: list, pids: list[int], sinks: _Sinks, at: _Position, *, start: int, stop_after: int | None, t_start: float) -> dict:
     """The round scheduler: SSP admission, DyLU, failures, and the log/eval/checkpoint cadences; updates `at`."""
     ps, W, tc, end = cfg.ps, cfg.ps.workers, cfg.train, cfg.train.steps
@@ -246,6 +258,19 @@ def _schedule(cfg: Config, workers: list, shards: list, pids: list[int], sinks: 
         return {n: v for _, part in ray.get([s.pull.remote() for s in shards]) for n, v in part.items()}
 
     probes: dict[Any, tuple] = {}  # ObjectRef of a restarted worker's pid() -> the round it must redo
+    counted: set[int] = set()  # workers whose death a failed round reported, not yet seen back
+
+    def rejoined(w: int, pid: int) -> None:
+        """Worker w answers from a new process: a restart, counted here unless a failed round already counted it
+        (a worker killed while idle is restarted by Ray before any call fails)."""
+        nonlocal restarts
+        if w not in counted:
+            restarts += 1
+            say(f"worker {w} died between rounds; Ray restarted it")
+        counted.discard(w)
+        pids[w] = pid
+        (Path(tc.run_dir) / WORKERS_FILE).write_text(json.dumps({str(i): p for i, p in enumerate(pids)}))
+        say(f"worker {w} is back (pid {pid}) and rejoined from the server's params")
     while done < end or in_flight or probes:
         busy = {spec[0] for spec in [*in_flight.values(), *probes.values()]}
         if not saving:
@@ -273,14 +298,13 @@ def _schedule(cfg: Config, workers: list, shards: list, pids: list[int], sinks: 
             record = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
             restarts += 1
+            counted.add(w)
             say(f"worker {w} died during round {spec[1]} ({type(e).__name__}); Ray restarts it and it redoes the round from the server's params")
             probes[workers[w].pid.remote()] = spec
             continue
         record["clock_gap"] = spec[4]
         if record["pid"] != pids[w]:
-            pids[w] = record["pid"]
-            (Path(tc.run_dir) / WORKERS_FILE).write_text(json.dumps({str(i): p for i, p in enumerate(pids)}))
-            say(f"worker {w} is back (pid {pids[w]}) and rejoined from the server's params")
+            rejoined(w, record["pid"])
         clocks[w] += 1
         speeds[w] = record["speed"]
         at.version = max(at.version, record["version"])
@@ -320,6 +344,10 @@ def _schedule(cfg: Config, workers: list, shards: list, pids: list[int], sinks: 
             rec = log.flush(done, at.version, speeds, extras)
             say(metrics_lib.format_record(done, rec) + f" | version {at.version} | staleness {rec.get('staleness_mean', 0):.2f}/{rec.get('staleness_max', 0)}")
     bar.close()
+    for w in range(W):  # a worker that died after its last round: the summary still counts its restart
+        pid = _current_pid(workers[w])
+        if pid != pids[w]:
+            rejoined(w, pid)
     return {
         "steps": done,
         "version": at.version,
