@@ -77,16 +77,21 @@ def attention(x_BTD: jax.Array, p: Params, sin_Tk: jax.Array, cos_Tk: jax.Array,
     return jnp.einsum("BTHK,HKD->BTD", out_BTHK, p["wo_HKD"].astype(dt))
 
 
-def mlp(x_BTD: jax.Array, p: Params) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+def mlp(x_BTD: jax.Array, p: Params, fused: bool = False) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x)); `fused`: gate and up as one matmul over [D, 2, F], as jaxbig's `model.fused_mlp`."""
     dt = x_BTD.dtype
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_gate_DF"].astype(dt))
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_up_DF"].astype(dt))
+    if fused:
+        gate_up_BT2F = jnp.einsum("BTD,DCF->BTCF", x_BTD, jnp.stack([p["w_gate_DF"], p["w_up_DF"]], axis=1).astype(dt))
+        gate_BTF, up_BTF = gate_up_BT2F[:, :, 0], gate_up_BT2F[:, :, 1]
+    else:
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_gate_DF"].astype(dt))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_up_DF"].astype(dt))
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, p["w_down_FD"].astype(dt))
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, like_jaxbig: bool = False) -> jax.Array:
-    """Logits [B, T, V] in float32 for every position of `tokens_BT`; `like_jaxbig`: attention by jaxbig's op for `cfg`."""
+    """Logits [B, T, V] in float32 for every position of `tokens_BT`; `like_jaxbig`: attention by jaxbig's op for `cfg`,
+    and its MLP layout (`model.fused_mlp`)."""
     op = cfg.attention_impl() if like_jaxbig else "autodiff"
     dt = jnp.dtype(cfg.compute_dtype())
     T = tokens_BT.shape[1]
@@ -96,7 +101,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, like_jaxbig:
 
     def block(x_BTD, layer: Params):
         x_BTD = x_BTD + attention(rms_norm(x_BTD, layer["attn_norm"]["scale"], cfg.norm_eps), layer["attn"], sin_Tk, cos_Tk, causal_TS, op)
-        x_BTD = x_BTD + mlp(rms_norm(x_BTD, layer["mlp_norm"]["scale"], cfg.norm_eps), layer["mlp"])
+        x_BTD = x_BTD + mlp(rms_norm(x_BTD, layer["mlp_norm"]["scale"], cfg.norm_eps), layer["mlp"], like_jaxbig and cfg.fused_mlp)
         return x_BTD, None
 
     if cfg.remat != "none":

@@ -107,7 +107,7 @@ def bench_config(
     # device, as a hand-written script would hold them; its outputs are placed the same way, so
     # the second call does not compile again for differently placed inputs.
     device = jax.devices()[0]
-    # Like for like: jaxbig's attention op and backward, its XLA options, its layer layout (cfg.model.scan_layers).
+    # Like for like: jaxbig's attention op and backward, its XLA options, its layer layout (cfg.model.scan_layers, fused_mlp).
     # Out of the box: a plain script: attention left to autodiff, XLA's default options, the same layer layout.
     hand_steps = {
         "handwritten": handwritten.make_step(cfg.model, tx, xla, like_jaxbig=True),

@@ -35,7 +35,7 @@ START, END = "<!-- bench:profiles:start -->", "<!-- bench:profiles:end -->"
 SECTION_INTRO = """## Speed options: XLA CPU profiles, attention, layer scan, bf16, remat
 
 Written by `python scripts/bench.py --profiles` (`benchmarks/profiles.py`): each option alone
-against a baseline (XLA's default options, layers under `lax.scan`), then jaxbig's defaults with
+against a baseline (XLA's default options, layers under `lax.scan`, gate and up as two matmuls), then jaxbig's defaults with
 the options not taken added back; one device, compiled in one process and timed in alternating
 rounds. "loss Δ" is the loss after 3 identical steps minus the baseline's. Options are kept as defaults
 only where they pay here; every one stays switchable in the config. MFU is against a matmul in
@@ -48,11 +48,13 @@ MODEL_OPTIONS = {  # variant -> overrides, each alone on top of the baseline
     "dtype=bfloat16": ["model.dtype=bfloat16"],
     "remat=minimal": ["model.remat=minimal"],
     "remat=full": ["model.remat=full"],
+    "fused_mlp (gate and up as one matmul)": ["model.fused_mlp=true"],
 }
 ON_DEFAULTS = {  # the options not taken, once more on top of jaxbig's defaults
     f"defaults + dtype=bfloat16 (xla_profile=auto = {AUTO.get('cpu', {}).get('bfloat16')} on CPU)": ["model.dtype=bfloat16"],
     "defaults + remat=minimal": ["model.remat=minimal"],
     "defaults + attention=dot_product": ["model.attention=dot_product"],
+    "defaults with fused_mlp=false": ["model.fused_mlp=false"],
 }
 
 
@@ -64,11 +66,11 @@ def _merged(base: list[str], sets: list[str]) -> list[str]:
 
 def variants(backend: str) -> dict[str, list[str]]:
     """Variant name -> config overrides. The first is the baseline every other is compared with."""
-    base = ["compile.xla_profile=default", "model.scan_layers=true"]
+    base = ["compile.xla_profile=default", "model.scan_layers=true", "model.fused_mlp=false"]
     out = {BASELINE: base}
-    out.update({f"xla_profile={name}": [f"compile.xla_profile={name}", "model.scan_layers=true"] for name in PROFILES.get(backend, {}) if name != "default"})
+    out.update({f"xla_profile={name}": _merged(base, [f"compile.xla_profile={name}"]) for name in PROFILES.get(backend, {}) if name != "default"})
     out.update({name: _merged(base, sets) for name, sets in MODEL_OPTIONS.items()})
-    out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, {}).get('float32', 'default')}, scan_layers=false)"] = []
+    out[f"jaxbig defaults (xla_profile=auto = {AUTO.get(backend, {}).get('float32', 'default')}, scan_layers=false, fused_mlp=true)"] = []
     out.update(ON_DEFAULTS)
     return out
 

@@ -56,6 +56,7 @@ class ModelConfig:
     remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
     attention: str = "auto"  # einsum (written out; fastest on CPU), dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), or auto: dot_product on GPU, einsum elsewhere (jaxbig.xla_options.AUTO_ATTENTION)
     scan_layers: bool = False  # false: layers unrolled (fastest at a few layers); true: lax.scan over them (compile time flat in depth)
+    fused_mlp: bool = True  # gate and up projections as one [D, 2, F] matmul at trace time (MaxText's fused_mlp); params stay two matrices
     init_std: float = 0.02  # std of the normal init of every weight matrix
 
     def __post_init__(self):
@@ -82,7 +83,7 @@ class ModelConfig:
         _require(self.rope_original_max_len > 0, f"model.rope_original_max_len={self.rope_original_max_len} must be positive")
 
     # How the model computes, not what its params are: a run may resume, or a fine-tune start, with these changed.
-    COMPUTE_FIELDS = ("dtype", "remat", "attention", "scan_layers")
+    COMPUTE_FIELDS = ("dtype", "remat", "attention", "scan_layers", "fused_mlp")
 
     def changes_from(self, other: ModelConfig, *, ignore: tuple[str, ...] = COMPUTE_FIELDS) -> list[str]:
         """`model.FIELD OLD -> NEW` for every field `self` changes from `other`, leaving out `ignore`."""

@@ -112,9 +112,9 @@ def test_remat_gives_the_same_gradients(remat):
         assert_close(a, b, n)
 
 
-@pytest.mark.parametrize("option", [{"attention": "dot_product"}, {"scan_layers": False}])
+@pytest.mark.parametrize("option", [{"attention": "dot_product"}, {"scan_layers": False}, {"fused_mlp": False}])
 def test_speed_options_compute_the_same_model(option):
-    """jax.nn.dot_product_attention and unrolled layers: same logits and gradients, plain and packed rows."""
+    """jax.nn.dot_product_attention, unrolled layers, separate gate/up matmuls: same logits and gradients, plain and packed rows."""
     tokens = _tokens(T=24)
     segments_BT = jnp.asarray([[0] * 9 + [1] * 15, [0] * 24], jnp.int32)
     positions_BT = jnp.asarray([list(range(9)) + list(range(15)), list(range(24))], jnp.int32)
@@ -130,6 +130,37 @@ def test_speed_options_compute_the_same_model(option):
         assert_close(got, want, n_fwd)
         for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
             assert_close(a, b, n_bwd)
+
+
+def test_fused_mlp_runs_one_matmul_for_gate_and_up():
+    """`model.fused_mlp` (the default) traces gate and up as one dot_general per layer, over the stacked [D, 2, F] weights."""
+    tokens = _tokens()
+
+    def dots(cfg):
+        graphdef, params = nnx.split(create_model(dataclasses.replace(cfg, scan_layers=True), 0))
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params)
+        return [str(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+
+    fused, separate = dots(CFG), dots(dataclasses.replace(CFG, fused_mlp=False))
+    B, T = tokens.shape
+    assert len(separate) - len(fused) == 1  # per layer (the scan body): gate and up became one
+    assert str((B, T, 2, CFG.d_ff)) in fused and str((B, T, 2, CFG.d_ff)) not in separate
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in _sub_jaxprs(e.params):  # scan, remat and custom_vjp bodies
+            yield from _all_eqns(sub)
+
+
+def _sub_jaxprs(params):
+    for v in params.values():
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if hasattr(x, "eqns"):
+                yield x
+            elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+                yield x.jaxpr
 
 
 def test_tied_embeddings_have_no_head_and_count():

@@ -275,10 +275,21 @@ class MLP(nnx.Module):
         self.w_gate_DF = _param(rngs, (D, F), std, pd, ("embed", "mlp"))
         self.w_up_DF = _param(rngs, (D, F), std, pd, ("embed", "mlp"))
         self.w_down_FD = _param(rngs, (F, D), std, pd, ("mlp", "embed"))
+        self.fused = cfg.fused_mlp
 
     def __call__(self, x_BTD):
-        gate_BTF = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
-        up_BTF = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
+        if self.fused and _DENSE.get() is None:
+            # gate and up as one matmul over the weights stacked on a new axis, [D, 2, F] (MaxText's `fused_mlp`, done at
+            # trace time): one GEMM twice as wide forward, and in the backward one for dx instead of two plus an add.
+            # The params stay two matrices, so checkpoints, HF import/export and the tensor-parallel rules are
+            # unchanged; the new axis is unsharded, so stacking moves no data on a mesh. A `use_dense` hook (quantized
+            # export, ONNX) sees the two weights as before.
+            w_D2F = jnp.stack([self.w_gate_DF[...], self.w_up_DF[...]], axis=1).astype(x_BTD.dtype)
+            gate_up_BT2F = jnp.einsum("BTD,DCF->BTCF", x_BTD, w_D2F)
+            gate_BTF, up_BTF = gate_up_BT2F[:, :, 0], gate_up_BT2F[:, :, 1]
+        else:
+            gate_BTF = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
+            up_BTF = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("activation_batch", "activation_length", "activation_mlp"))
         return dense("BTF,FD->BTD", h_BTF, self.w_down_FD[...])
 
