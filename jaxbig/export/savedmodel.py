@@ -23,7 +23,6 @@ the clients before a request gets here (jaxbig.serve.limits).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import jax
@@ -31,7 +30,6 @@ import jax.extend.mlir
 import numpy as np
 import tensorflow as tf
 from jax import export
-from jax._src.interpreters import mlir as jax_mlir  # make_ir_context only (see module_bytes_for)
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 from jaxbig.config import ConfigError
@@ -42,18 +40,8 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 def module_bytes_for(exported: export.Exported, target: ServingTarget) -> bytes:
-    """The exported StableHLO re-serialized as a portable artifact the target runtime can read, without debug locations.
-
-    `Exported.mlir_module()` prints every op's location (op name, source file and line); they were over half of each
-    module's bytes in saved_model.pb, and XlaCallModule does not read them (its shape-check errors are strings in the
-    module's custom calls). The module is printed here without them; the jax/ artifacts keep them, for debugging.
-    JAX has no public way to open its MLIR context: `make_ir_context` is private (jax 0.12).
-    """
-    with jax_mlir.make_ir_context():
-        module = jax.extend.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
-        text = io.StringIO()
-        module.operation.print(file=text, enable_debug_info=False)
-    return jax.extend.mlir.serialize_portable_artifact(text.getvalue(), target.stablehlo_version)
+    """The exported StableHLO re-serialized as a portable artifact the target runtime can read."""
+    return jax.extend.mlir.serialize_portable_artifact(exported.mlir_module(), target.stablehlo_version)
 
 
 def check_runtime(exported: export.Exported, target: ServingTarget) -> None:
