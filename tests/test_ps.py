@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -272,3 +274,44 @@ def test_async_local_sgd_survives_a_killed_worker_and_a_stopped_driver(cluster, 
     pushed = sum(r["bytes_pushed"] for r in records) / sum(r["pushes"] for r in records)
     assert pushed < 0.3 * 4 * cfg.model.num_params()
     assert np.isfinite(second["final_eval_loss"]) and second["final_eval_loss"] < first["initial_eval_loss"] - 0.3
+
+
+def test_driver_killed_with_sigkill_resumes_when_the_same_command_runs_again(cluster, text_dir, tmp_path, repo):
+    """`scripts/train.py` as a user runs it, joined to this module's cluster (`--ray_address`): the driver process is
+    killed with SIGKILL once its first checkpoint is committed, and the same command run again resumes from the
+    newest checkpoint and finishes, every batch read once (by position). Ray reaps the dead driver's actors itself."""
+    run_dir = tmp_path / "run"
+    sets = [
+        *TINY, f"data.paths={text_dir}", "mesh.data=1", "optim.outer=async_ps", "train.eval_every=1000",
+        "ps.algorithm=async_local_sgd", "ps.workers=2", "ps.local_steps=4", "ps.worker_slowdown=1,2",
+        "train.steps=24", "train.checkpoint_every=8", "train.log_every=4",
+    ]  # fmt: skip
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "scripts/train.py", "--no-progress", "--run_dir", str(run_dir), "--ray_address", address]
+    command += [f"--set={s}" for s in sets]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}  # the script sets its devices
+
+    def committed() -> list[int]:  # orbax renames a step's directory into place once it is complete
+        ckpt = run_dir / "checkpoints"
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+    log = tmp_path / "first.log"  # a file, not a pipe: a pipe nobody reads fills up and blocks the driver
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not committed() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, f"the driver ended before its first checkpoint:\n{log.read_text()[-2000:]}"
+    assert committed(), "no checkpoint within 600 s"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    latest = committed()[-1]
+    assert latest < 24 and not (run_dir / "summary.json").exists()  # killed mid-run, before its summary
+
+    second = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["start_step"] == latest  # resumed from the newest checkpoint the killed driver left
+    assert summary["steps"] == 24 and sum(summary["positions"]) == 24  # every batch read once, by position
+    assert f"resuming at step {latest}" in second.stdout + second.stderr
