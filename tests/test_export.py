@@ -216,10 +216,11 @@ def test_serving_default_int8_dynamic(exported, drq, tf_results):
     # the export computes what the model computes under the DRQ context (weights: the stored int8 and scales)
     from jaxbig.compress import llama_rules, quantize_params
     from jaxbig.compress.quantize import weight_operand
-    from jaxbig.export.artifact import _unflatten, flatten_params
+    from jaxbig.export.artifact import flatten_params
+    from jaxbig.models.paths import nest
 
     qparams = quantize_params(flatten_params(params), "int8-dynamic", llama_rules())
-    model = nnx.merge(graphdef, _unflatten({p: weight_operand(p, e, "int8-dynamic", llama_rules()) for p, e in qparams.items()}))
+    model = nnx.merge(graphdef, nest({p: weight_operand(p, e, "int8-dynamic", llama_rules()) for p, e in qparams.items()}))
     with use_dense(dynamic_int8_einsum):
         direct = np.asarray(model(_tokens(3, 32)))
     assert close_to(tf_results[f"{drq}|tokens_3x32"], direct).mean() >= 0.8

@@ -32,6 +32,7 @@ from jaxbig.compress.quantize import DYNAMIC_METHODS, dynamic_int8_einsum, llama
 from jaxbig.config import ModelConfig
 from jaxbig.models.decode import sample_logits
 from jaxbig.models.llama import init_cache, use_dense
+from jaxbig.models.paths import nest, to_flat
 
 PLATFORMS = ("cpu", "cuda")
 Leaves = list[tuple[str, np.ndarray]]  # (name, array) in argument order
@@ -39,21 +40,7 @@ Leaves = list[tuple[str, np.ndarray]]  # (name, array) in argument order
 
 def flatten_params(params: dict) -> dict[str, np.ndarray]:
     """Nested pure-dict params -> {'blocks/attn/wq_DHK': host array}, in tree order."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(jax.device_get(leaf))
-    return flat
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return tree
+    return {name: np.asarray(jax.device_get(leaf)) for name, leaf in to_flat(params).items()}
 
 
 def to_leaves(qparams: dict[str, dict[str, np.ndarray]]) -> Leaves:
@@ -71,7 +58,7 @@ def _params_from_leaves(names: list[str], arrays, quantize: str = "none") -> dic
         path, _, role = name.partition(".")
         entries.setdefault(path, {})[role or "w"] = arr
     rules = llama_rules()
-    return _unflatten({path: weight_operand(path, e, quantize, rules) for path, e in entries.items()})
+    return nest({path: weight_operand(path, e, quantize, rules) for path, e in entries.items()})
 
 
 def dense_fn(quantize: str):

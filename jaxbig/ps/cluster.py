@@ -23,7 +23,7 @@ import jax
 import ray
 
 from jaxbig.config import Config, ConfigError
-from jaxbig.ps.groups import Flat
+from jaxbig.models.paths import Flat
 from jaxbig.ps.server import ServerShard
 from jaxbig.ps.worker import Worker
 

@@ -46,7 +46,8 @@ from jaxbig.checkpoint.run import load_params
 from jaxbig.config import Config
 from jaxbig.data import eval_batches, load_corpus
 from jaxbig.ps.cluster import check_address, ray_cluster, start_servers, start_workers
-from jaxbig.ps.groups import nest, shard_groups, to_flat
+from jaxbig.models.paths import nest, to_flat
+from jaxbig.ps.groups import shard_groups
 from jaxbig.ps.server import server_optimizer
 from jaxbig.ps.setup import check_ps, param_shapes
 from jaxbig.ps.worker import batch_index

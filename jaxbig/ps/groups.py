@@ -1,38 +1,13 @@
-"""Params as named tensors, and their split over the server shards by param groups."""
+"""The split of the params over the server shards by param groups (params by name: `jaxbig.models.paths`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import jax
 
 from jaxbig.config import ConfigError
 
-Flat = dict[str, Any]  # '/'-joined param path -> array
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def to_flat(tree, is_leaf=None) -> Flat:
-    """A params tree (or a tree like it, with `is_leaf`) -> {name: leaf}, names like `blocks/attn/wq`."""
-    return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
-
-
-def nest(flat: Flat) -> dict:
-    """{name: leaf} -> nested dicts (the inverse of `to_flat` for params, whose keys are strings); any subset of
-    the names gives the sub-tree a server shard holds, which the run's optimizer (its weight-decay mask reads the
-    path names) and orbax take like the whole tree."""
-    tree: dict = {}
-    for name, leaf in flat.items():
-        *parents, last = name.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
+# `nest` (jaxbig.models.paths) of one group's names gives the sub-tree a server shard holds, which the run's optimizer
+# (its weight-decay mask reads the path names) and orbax take like the whole tree.
 
 
 def shard_groups(shapes: dict[str, tuple[int, ...]], num_shards: int) -> list[list[str]]:

@@ -23,7 +23,7 @@ from jaxbig.config import Config
 from jaxbig.optim import base_optimizer, learning_rate_schedule
 from jaxbig.optim.local_sgd import delayed_nesterov
 from jaxbig.optim.push_compression import Payload
-from jaxbig.ps.groups import Flat, nest, to_flat
+from jaxbig.models.paths import Flat, nest, to_flat
 from jaxbig.ps.setup import push_codec
 
 

@@ -13,7 +13,8 @@ from jaxbig.optim import matrix_views
 from jaxbig.optim.compression import MatrixView
 from jaxbig.optim.push_compression import PushCodec
 from jaxbig.parallel.mesh import MeshError, make_mesh
-from jaxbig.ps.groups import shard_groups, to_flat
+from jaxbig.models.paths import to_flat
+from jaxbig.ps.groups import shard_groups
 from jaxbig.train.setup import Run, build
 
 

@@ -26,7 +26,7 @@ import ray
 from jaxbig.config import Config
 from jaxbig.data import load_corpus
 from jaxbig.data.pipeline import to_global, train_dataset
-from jaxbig.ps.groups import nest, to_flat
+from jaxbig.models.paths import nest, to_flat
 from jaxbig.ps.setup import push_codec, worker_run
 from jaxbig.train.state import TrainState
 from jaxbig.train.step import make_grad_step
