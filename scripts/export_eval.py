@@ -1,8 +1,10 @@
-"""Quantization report: export a run as none/int8/fp8/int8-dynamic, measure size and validation perplexity.
+"""Quantization report: export a run as none/int8/fp8/int8-dynamic/int4, measure size, validation perplexity and latency.
 
 `python scripts/export_eval.py --run_dir runs/tiny` writes the `export:quant` section of docs/benchmarks.md;
 `--format onnx` measures the ONNX exports on ONNX Runtime instead (float32, int8, int8-dynamic, int4 at group
-sizes 32/64/128) and writes the `export:onnx` section.
+sizes 32/64/128) and writes the `export:onnx` section. Latency: median of one `serving_default` call in
+this process, one thread, for one request of 32 tokens and for one validation batch, all versions timed in
+alternating rounds (jaxbig.export.evaluate.serving_latency), on the TF runtime or ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -64,34 +66,68 @@ def main(argv: list[str] | None = None) -> int:
         windows = validation_windows(args.run_dir, args.batches, args.batch_size)
         if args.format == "onnx":
             return _onnx(args, windows)
-        rows = {}
+        rows, paths = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for version, (method, group) in enumerate(SAVEDMODEL_METHODS, start=1):
                 path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method, group_size=group)
                 label = f"{method} (group {group})" if method == "int4" else method
-                rows[label] = (saved_model_bytes(path), perplexity(path, windows))
+                rows[label], paths[label] = (saved_model_bytes(path), perplexity(path, windows)), path
                 print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
+            latency = _latency(paths, windows, "tf")
     except ConfigError as e:
         return fail(e)
-    _write_section(Path(args.doc), START, END, INTRO, _table(args, windows, rows, "SavedModel bytes", "int8", jax.__version__))
+    _write_section(Path(args.doc), START, END, INTRO, _table(args, windows, rows, latency, "SavedModel bytes", "int8", jax.__version__))
     return 0
 
 
-def _table(args, windows, rows: dict[str, tuple[int, float]], size_column: str, int8_row: str, jax_version: str) -> list[str]:
-    """The section's lines: command, date, and one row per quantization (size and perplexity vs float32 and int8)."""
+def _latency(paths: dict[str, Path], windows, runtime: str) -> dict[str, tuple[float, float]]:
+    """label -> (median seconds of one [1, 32] request, of one [B, T] validation batch), all versions alternating."""
+    from jaxbig.export.evaluate import serving_latency
+
+    one, batch = windows[0][:1, :32], windows[0][:, :-1]
+    print(f"timing serving_default on {runtime}: [1, 32] and {list(batch.shape)} ...", flush=True)
+    small, large = serving_latency(paths, one, runtime), serving_latency(paths, batch, runtime, calls=3)
+    return {label: (small[label], large[label]) for label in paths}
+
+
+def _table(args, windows, rows: dict[str, tuple[int, float]], latency, size_column: str, int8_row: str, jax_version: str) -> list[str]:
+    """The section's lines: command, date, and one row per quantization (size, perplexity vs float32 and int8, latency)."""
     (size0, ppl0), ppl8 = rows["none"], rows[int8_row][1]
     n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
+    B, T = windows.shape[1], windows.shape[2] - 1
+    runtime = "ONNX Runtime" if args.format == "onnx" else "the TF runtime (SavedModel)"
+    lat0 = latency["none"]
     lines = [
         f"Command: `python scripts/export_eval.py --run_dir {args.run_dir}{' --format onnx' if args.format == 'onnx' else ''}`  ",
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; jax {jax_version}; run {args.run_dir}; "
-        f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)",
+        f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)  ",
+        f"Latency: `serving_default` on {runtime}, in this process, one thread calling; median of 70 calls of [1, 32] "
+        f"tokens and of 21 calls of one [{B}, {T}] validation batch, every version timed in the same 7 alternating rounds; "
+        f"{os.cpu_count()} CPU cores ({_cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} after",
         "",
-        f"| quantization | {size_column} | x float32 | val perplexity | vs float32 | vs int8 |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| quantization | {size_column} | x float32 | val perplexity | vs float32 | vs int8 | ms, [1, 32] | ms, [{B}, {T}] | x float32 ([1, 32] / [{B}, {T}]) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, (size, ppl) in rows.items():
-        lines.append(f"| {label} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / ppl8 - 1):+.2f}% |")
+        (one, batch) = latency[label]
+        lines.append(
+            f"| {label} | {size:,} | {size / size0:.3f} | {ppl:.4f} | {100 * (ppl / ppl0 - 1):+.2f}% | {100 * (ppl / ppl8 - 1):+.2f}% | "
+            f"{one * 1e3:.2f} | {batch * 1e3:.1f} | {one / lat0[0]:.2f} / {batch / lat0[1]:.2f} |"
+        )
     return lines
+
+
+def _cpu_model() -> str:
+    """lscpu's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def _write_section(doc: Path, start: str, end: str, intro: str, lines: list[str]) -> None:
@@ -111,14 +147,15 @@ def _onnx(args, windows) -> int:
     from jaxbig.export.bundle import export_run
     from jaxbig.export.evaluate import onnx_bytes, onnx_perplexity
 
-    rows = {}
+    rows, paths = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for version, (method, group) in enumerate(ONNX_METHODS, start=1):
             path = export_run(args.run_dir, Path(tmp) / "m", version, quantize=method, format="onnx", group_size=group)
             label = f"{method} (group {group})" if method in ("int8", "int4") else method
-            rows[label] = (onnx_bytes(path), onnx_perplexity(path, windows))
+            rows[label], paths[label] = (onnx_bytes(path), onnx_perplexity(path, windows)), path
             print(f"{label}: {rows[label][0]:,} bytes, perplexity {rows[label][1]:.4f}", flush=True)
-    _write_section(Path(args.doc), ONNX_START, ONNX_END, ONNX_INTRO, _table(args, windows, rows, "model.onnx bytes", "int8 (group 64)", jax.__version__))
+        latency = _latency(paths, windows, "onnx")
+    _write_section(Path(args.doc), ONNX_START, ONNX_END, ONNX_INTRO, _table(args, windows, rows, latency, "model.onnx bytes", "int8 (group 64)", jax.__version__))
     return 0
 
 

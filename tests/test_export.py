@@ -432,3 +432,21 @@ def test_failure_mid_write_leaves_no_version_dir(exported, monkeypatch):
 def test_unknown_quantization_is_refused():
     with pytest.raises(ConfigError, match="--quantize 'int3' is not supported; use one of none, int8, fp8, int8-dynamic"):
         export_run("unused", "unused", 1, quantize="int3")
+
+
+def test_serving_latency_times_each_versions_own_savedmodel(exported):
+    """export_eval's latency columns: `serving_call` runs the version's own SavedModel on the TF runtime in this
+    process (its logits are the model's, up to float32 rounding as above), and `serving_latency` times every version."""
+    from jaxbig.export.evaluate import serving_call, serving_latency
+
+    run_dir, _, f32, int8 = exported
+    cfg, graphdef, params, _ = load_params(run_dir)
+    tokens = _tokens(3, 32)
+    want = np.asarray(__import__("flax").nnx.merge(graphdef, params)(tokens))
+    assert_close(serving_call(f32, "tf")(tokens), want, forward_chain(cfg.model, 3, 32))
+    # int8 is another model: its logits must differ from float32's by more than rounding, or the call ignored the path.
+    assert not np.allclose(serving_call(int8, "tf")(tokens), want, atol=tolerance(forward_chain(cfg.model, 3, 32), np.abs(want).max()))
+    medians = serving_latency({"float32": f32, "int8": int8}, tokens, "tf", rounds=2, calls=2)
+    assert set(medians) == {"float32", "int8"} and all(0 < s < 10 and np.isfinite(s) for s in medians.values()), medians
+    with pytest.raises(ValueError, match="runtime 'tflite' is not one of"):
+        serving_call(f32, "tflite")
