@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.harness import machine_cpu  # noqa: E402
 from jaxbig.cli import fail  # noqa: E402
 from jaxbig.config import ConfigError  # noqa: E402
 
@@ -103,7 +104,7 @@ def _table(args, windows, rows: dict[str, tuple[int, float]], latency, size_colu
         f"{n_tokens:,} validation tokens ({args.batches} x {args.batch_size} windows)  ",
         f"Latency: `serving_default` on {runtime}, in this process, one thread calling; median of 70 calls of [1, 32] "
         f"tokens and of 21 calls of one [{B}, {T}] validation batch, every version timed in the same 7 alternating rounds; "
-        f"{os.cpu_count()} CPU cores ({_cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} after",
+        f"{os.cpu_count()} CPU cores ({machine_cpu()}), 1-minute load average {os.getloadavg()[0]:.1f} after",
         "",
         f"| quantization | {size_column} | x float32 | val perplexity | vs float32 | vs int8 | ms, [1, 32] | ms, [{B}, {T}] | x float32 ([1, 32] / [{B}, {T}]) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -116,18 +117,6 @@ def _table(args, windows, rows: dict[str, tuple[int, float]], latency, size_colu
         )
     return lines
 
-
-def _cpu_model() -> str:
-    """lscpu's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def _write_section(doc: Path, start: str, end: str, intro: str, lines: list[str]) -> None:
