@@ -118,7 +118,6 @@ def _table(args, windows, rows: dict[str, tuple[int, float]], latency, size_colu
     return lines
 
 
-
 def _write_section(doc: Path, start: str, end: str, intro: str, lines: list[str]) -> None:
     section = f"{start}\n" + "\n".join(lines) + f"\n{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
