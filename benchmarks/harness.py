@@ -218,9 +218,26 @@ def machine_cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets XLA:CPU's and PyTorch's matmul kernels pick between (oneDNN/YNNPACK use AMX and AVX512-BF16
+# for bfloat16 where present), as /proc/cpuinfo spells them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine_isa() -> str:
+    """Which of `ISA_FLAGS` this CPU has (/proc/cpuinfo), e.g. "avx2 avx512f avx512_bf16 amx_bf16"; "unknown" elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in have) or "none of " + " ".join(ISA_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> str:
     device = jax.devices()[0]
-    return f"{os.cpu_count()} CPU cores ({machine_cpu()}); device {device.platform}:{device.device_kind}"
+    return f"{os.cpu_count()} CPU cores ({machine_cpu()}; ISA: {machine_isa()}); device {device.platform}:{device.device_kind}"
 
 
 def table(results: list[Result], peak: float) -> str:
