@@ -109,9 +109,7 @@ def train_process(config: str, mesh: str, steps: int, cache_dir: Path, sets: lis
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config_path(config)), "--mesh", mesh, "--steps", str(steps)]
     cmd += ["--run_dir", str(run_dir), "--fresh", "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    if xla_options:
-        env["XLA_FLAGS"] = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in xla_options.items())  # the device count comes from JAX_NUM_CPU_DEVICES; options from compile.xla_profile
+    env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES; options from compile.xla_profile
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         out = proc.stdout.read()

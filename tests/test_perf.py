@@ -119,6 +119,20 @@ def test_the_regression_check_fails_a_slow_run(tmp_path):
         read_baseline(tmp_path / "missing.md")
 
 
+def test_perf_times_a_real_train_py_process(tmp_path, text_dir):
+    """`bench.py --perf`'s row: one `scripts/train.py` process on the preset's own shape, its per-step times read back
+    from metrics.jsonl (the compile step and SKIP_STEPS warm steps dropped) and its start-up from summary.json."""
+    from benchmarks.perf import SKIP_STEPS, train_process
+
+    steps = SKIP_STEPS + 6
+    run = train_process("tiny", "1x1", steps, tmp_path / "cache", [f"data.paths={text_dir}", "data.val_fraction=0.2"])
+    cfg = load_config(None)  # configs/tiny.yaml spells out the defaults
+    assert (run.batch, run.seq_len, run.tokens_per_step) == (cfg.train.batch_size, cfg.data.seq_len, cfg.train.batch_size * cfg.data.seq_len)
+    assert len(run.step_s) == steps - 1 - SKIP_STEPS and all(s > 0 for s in run.step_s), run.step_s
+    assert run.time_to_first_step_s >= run.first_call_s > run.compile_s > 0
+    assert np.isfinite(run.final_loss) and run.peak_rss_mib > 100
+
+
 _FAULTS_SCRIPT = """
 import resource, sys
 sys.path.insert(0, {repo!r})
