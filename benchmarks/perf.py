@@ -217,7 +217,12 @@ def maxtext_peer(python: str, config: str, steps: int, xla_options: dict | None 
 # --------------------------------------------------------------------------- report
 
 
-def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
+def _is_bf16(name: str) -> bool:
+    """A row that computes in bfloat16: jaxbig's `model.dtype=bfloat16` runs ("small bf16") and peers run `--dtype bfloat16`."""
+    return name.endswith(" bf16") or "bfloat16" in name
+
+
+def loop_table(runs: list[LoopRun], peak: float | None, bf16_peak: float | None) -> list[str]:
     rows = [
         "| config | mesh | params | batch B×T | FLOPs/token | tokens/s | model GFLOP/s | MFU | step ms median (p10–p90) "
         "| compile s | time to first step s | peak RSS MiB | loss |",
@@ -227,7 +232,7 @@ def loop_table(runs: list[LoopRun], peak: float) -> list[str]:
         flops = r.tokens_per_s * r.flops_per_token
         rows.append(
             f"| {r.config} | {r.mesh} | {r.num_params / 1e6:.2f}M | {r.batch}×{r.seq_len} | {r.flops_per_token / 1e6:.1f}M | {r.tokens_per_s:,.0f} | {flops / 1e9:.1f} "
-            f"| {harness.mfu_cell(flops, peak)} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
+            f"| {harness.mfu_cell(flops, bf16_peak if _is_bf16(r.config) else peak)} | {statistics.median(r.step_s) * 1e3:.0f} ({r.quantile_ms(0.1):.0f}–{r.quantile_ms(0.9):.0f}) "
             f"| {r.compile_s:.1f} | {r.time_to_first_step_s:.1f} | {r.peak_rss_mib:,.0f} | {r.final_loss:.3f} |"
         )
     return rows
@@ -243,9 +248,10 @@ def mesh_ratios(runs: list[LoopRun]) -> list[str]:
     return out
 
 
-def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: dict[str, list[dict]], peak: float) -> list[str]:
-    """Per shape: jaxbig's loop (float32, bf16), the hand-written step, and each peer; ratios against jaxbig float32."""
-    rows = ["| shape | implementation | tokens/s | model GFLOP/s | MFU (f32 peak) | jaxbig f32 / this |", "|---|---|---:|---:|---:|---:|"]
+def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: dict[str, list[dict]], peak: float | None, bf16_peak: float | None) -> list[str]:
+    """Per shape: jaxbig's loop (float32, bf16), the hand-written step, and each peer; ratios against jaxbig float32.
+    MFU against the peak of the row's compute dtype (bfloat16 rows: XLA's bfloat16 matmul peak, for every implementation)."""
+    rows = ["| shape | implementation | tokens/s | model GFLOP/s | MFU (peak of the row's dtype) | jaxbig f32 / this |", "|---|---|---:|---:|---:|---:|"]
     for r in runs:
         if r.mesh != "1x1" or r.config.endswith(" bf16"):
             continue
@@ -261,21 +267,22 @@ def side_by_side(runs: list[LoopRun], hand: dict[str, harness.Result], peers: di
             entries.append((p["label"], p["tokens_per_s"]))
         for name, rate in entries:
             flops = rate * r.flops_per_token
-            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {harness.mfu_cell(flops, peak)} | {base / rate:.2f} |")
+            rows.append(f"| {r.config} | {name} | {rate:,.0f} | {flops / 1e9:.1f} | {harness.mfu_cell(flops, bf16_peak if _is_bf16(name) else peak)} | {base / rate:.2f} |")
     return rows
 
 
-def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[float, float]) -> str:
+def report(runs, cold_warm, hand, peers, peak, bf16_peak=None, *, command: str, load: tuple[float, float]) -> str:
     lines = [
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}  ",
         f"Machine: {harness.machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
-        f"Peak (2048² float32 matmul with the step's XLA options, one device): {harness.peak_text(peak)}  ",
+        f"Peak (2048² float32 matmul with the step's XLA options, one device): {harness.peak_text(peak)}; "
+        f"bfloat16 (with the bfloat16 step's options, the denominator of every bfloat16 row's MFU): {harness.peak_text(bf16_peak)}  ",
         "",
         "**jaxbig's training loop** (`scripts/train.py --config C --mesh M`, fresh compilation cache; per-step times from the loop, "
         f"the first {SKIP_STEPS} after the compile step dropped):",
         "",
-        *loop_table(runs, peak),
+        *loop_table(runs, peak, bf16_peak),
         "",
         "Same global batch on 8 emulated devices vs one device (tokens/s ratio; target ≥ 0.90): " + "; ".join(mesh_ratios(runs)) + "  ",
     ]
@@ -286,7 +293,7 @@ def report(runs, cold_warm, hand, peers, peak, *, command: str, load: tuple[floa
             f"**{cold.time_to_first_step_s:.1f} s cold** (empty compilation cache; compile {cold.compile_s:.1f} s), "
             f"**{warm.time_to_first_step_s:.1f} s warm** (second run, same cache; compile {warm.compile_s:.1f} s); target < 10 s warm."
         )
-    lines += ["", "**Side by side, one device, same shapes** (model FLOPs by the same formula for all):", "", *side_by_side(runs, hand, peers, peak)]
+    lines += ["", "**Side by side, one device, same shapes** (model FLOPs by the same formula for all):", "", *side_by_side(runs, hand, peers, peak, bf16_peak)]
     if not any(p["label"].startswith("PyTorch") for ps in peers.values() for p in ps):
         lines += ["", "PyTorch peer not run: `make bench-peers` builds `.venv-peers` (torch 2.13 CPU) first."]
     for config, ps in peers.items():
@@ -363,9 +370,9 @@ def main(args, command: str) -> int:
             for xla in (None, jaxbig_xla):  # MaxText as it comes, then with the XLA options jaxbig uses
                 print(f"{config}: MaxText {'with jaxbig XLA options' if xla else 'defaults'} ...", flush=True)
                 peers[config].append(maxtext_peer(args.maxtext_python, config, 15, xla))
-    peak = harness.measure_peak()
+    peak, bf16_peak = harness.measure_peak(), harness.measure_peak("bfloat16")
     load = (load_before, os.getloadavg()[0])
-    text = report(runs, cold_warm, hand, peers, peak, command=command, load=load)
+    text = report(runs, cold_warm, hand, peers, peak, bf16_peak, command=command, load=load)
     foundation = harness.report(list(hand.values()), peak, command=command, to_first_step=None, load=load)  # same rounds
     print(text + "\n\n" + foundation)
     if not args.no_write:

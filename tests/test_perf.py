@@ -119,6 +119,33 @@ def test_the_regression_check_fails_a_slow_run(tmp_path):
         read_baseline(tmp_path / "missing.md")
 
 
+def test_perf_report_divides_bfloat16_rows_by_the_bfloat16_peak():
+    """MFU per row against the peak of the row's compute dtype: a bfloat16 run divided by the float32 peak read 1.34 on
+    d512 (impossible); jaxbig's `model.dtype=bfloat16` rows and the peers' `--dtype bfloat16` rows take the bf16 peak."""
+    from benchmarks.perf import LoopRun, report
+
+    def run(config, tokens_per_s):
+        return LoopRun(
+            config=config, mesh="1x1", batch=16, seq_len=256, tokens_per_step=4096, flops_per_token=22.4e6, num_params=3_540_000,
+            step_s=[4096 / tokens_per_s] * 5, first_call_s=2.0, compile_s=1.0, time_to_first_step_s=3.0, peak_rss_mib=500.0, final_loss=2.0,
+        )
+
+    peers = {"small": [{"label": "PyTorch eager, 2 threads `--dtype` `bfloat16`", "tokens_per_s": 7000.0, "first_step_s": None}]}
+    text = report([run("small", 4000.0), run("small bf16", 6000.0)], None, {}, peers, 140e9, 300e9, command="x", load=(0.0, 0.0))
+    mfu = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 13 and cells[1] == "1x1":  # the loop table: config | mesh | ... | MFU (8th)
+            mfu["loop", cells[0]] = float(cells[7])
+        elif len(cells) == 6 and cells[0] == "small":  # side by side: shape | implementation | tokens/s | GFLOP/s | MFU | ratio
+            mfu["side", cells[1]] = float(cells[4])
+    assert mfu["loop", "small"] == round(4000 * 22.4e6 / 140e9, 3)
+    assert mfu["loop", "small bf16"] == round(6000 * 22.4e6 / 300e9, 3)
+    assert mfu["side", "jaxbig, `model.dtype=bfloat16` (float32 params)"] == round(6000 * 22.4e6 / 300e9, 3)
+    assert mfu["side", peers["small"][0]["label"]] == round(7000 * 22.4e6 / 300e9, 3)
+    assert max(mfu.values()) <= 1.0
+
+
 def test_perf_times_a_real_train_py_process(tmp_path, text_dir):
     """`bench.py --perf`'s row: one `scripts/train.py` process on the preset's own shape, its per-step times read back
     from metrics.jsonl (the compile step and SKIP_STEPS warm steps dropped) and its start-up from summary.json."""
