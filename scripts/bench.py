@@ -25,6 +25,11 @@ The parameter server (see benchmarks/ps.py): 3 Ray workers, one 3x slower, synch
 (bound 4) vs async local SGD (H=8, delayed Nesterov, dynamic local updates) to the same token budget:
 wall-clock to a target validation loss, the loss at the budget, staleness; writes `bench:ps`.
 
+    python scripts/bench.py --ps --faults [--seeds 0 1 2] [--steps 192]
+
+Async local SGD per seed, uninterrupted and with worker 0 killed by SIGKILL at half the budget: the validation
+loss at the budget of each; writes `bench:ps-faults`.
+
     python scripts/bench.py --serving [--seconds 30] [--clients 8] [--runtimes tf onnx]
 
 The embedded TF-Serving-compatible server under load (see benchmarks/serving.py): p50/p99 latency
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
     parser.add_argument("--data", action="store_true", help="the input-pipeline and checkpoint benchmark instead")
     parser.add_argument("--pruning", action="store_true", help="the pruning benchmark (small: dense, 50%% magnitude, 2:4)")
-    parser.add_argument("--variants", nargs="+", default=None, help="--pruning: train only these (dense, 'magnitude 50%%', 2:4); finished runs are reused")
+    parser.add_argument("--variants", nargs="+", default=None, help="--pruning: train only these (dense, 'magnitude 50%%', 2:4); --ps: only the variants whose name contains one of these (e.g. local); finished runs are reused")
     parser.add_argument("--distill", action="store_true", help="the distillation benchmark (tiny-width student: scratch vs distilled from small)")
     parser.add_argument("--methods", nargs="+", default=None, help="--compression: methods to train (default: none int8 powersgd powersgd-2it powersgd-r8 diloco)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="--compression, --data, --pruning, --distill: config override for every run")
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", action="store_true", help="XLA option profiles and speed options, one by one against the defaults")
     parser.add_argument("--serving", action="store_true", help="the serving load benchmark instead")
     parser.add_argument("--ps", action="store_true", help="the parameter-server benchmark: sync vs async SGD vs async local SGD, 3 workers, one 3x slower")
+    parser.add_argument("--faults", action="store_true", help="--ps: async local SGD per seed uninterrupted and with a worker killed (SIGKILL) mid-run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--ps --faults: train.seed of each pair of runs")
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
     parser.add_argument("--monitoring", action="store_true", help="serving with model monitoring off vs on (p50/p99 at --clients, --seconds per run)")

@@ -142,15 +142,16 @@ def delayed_nesterov(learning_rate: float, momentum: float, delay: int) -> optax
     Asynchronously arriving pseudo-gradients Δ come from workers that started at different versions;
     applying Nesterov momentum on every arrival accelerates stale directions, which the paper finds
     is what makes naive asynchronous local SGD lag its synchronous counterpart. DN applies each Δ at
-    once as a plain step, and folds the pushes into the momentum only every `delay` (N) of them:
+    once as a plain step of 1/N of it, and folds the pushes into the momentum only every `delay` (N)
+    of them (the paper's Algorithm 3 with its default c = 0):
 
-        every push t:   buffer += Δ_t;   θ -= lr · Δ_t
+        every push t:   buffer += Δ_t;   θ -= lr · Δ_t / N
         when t % N = 0: m = β·m + buffer / N;   θ -= lr · β · m;   buffer = 0
 
-    With N = 1 this is exactly Nesterov SGD (optax.sgd(lr, β, nesterov=True): θ -= lr·(β·m + Δ) with
-    m = β·m + Δ); with β = 0 it is plain SGD on the pseudo-gradients. This is our reading of the
-    paper's Algorithm 2 (momentum from the buffered average every N updates, the gradient term every
-    update); the paper sets N to the number of workers.
+    So N pushes move θ by -lr·(mean Δ + β·m) with m = β·m + mean Δ: exactly one step of Nesterov SGD
+    (optax.sgd(lr, β, nesterov=True)) on their mean, which is synchronous DiLoCo's outer step when the
+    N pushes are the N workers' (the paper's footnote 5). With N = 1 it is Nesterov SGD on every push;
+    with β = 0, plain SGD of lr/N on each pseudo-gradient. The paper sets N to the number of workers.
     """
     if delay < 1:
         raise ValueError(f"delayed Nesterov delay={delay} must be >= 1")
@@ -165,7 +166,7 @@ def delayed_nesterov(learning_rate: float, momentum: float, delay: int) -> optax
         buffer = jax.tree.map(jnp.add, state.buffer, delta)
         fold = count % delay == 0  # this push completes N: the momentum takes the buffered mean and is applied
         momentum_new = jax.tree.map(lambda m, b: jnp.where(fold, momentum * m + b / delay, m), state.momentum, buffer)
-        updates = jax.tree.map(lambda d, m: -learning_rate * (d + jnp.where(fold, momentum * m, 0.0)), delta, momentum_new)
+        updates = jax.tree.map(lambda d, m: -learning_rate * (d / delay + jnp.where(fold, momentum * m, 0.0)), delta, momentum_new)
         buffer = jax.tree.map(lambda b: jnp.where(fold, jnp.zeros_like(b), b), buffer)
         return updates, DelayedNesterovState(count, momentum_new, buffer)
 
