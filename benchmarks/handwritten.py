@@ -17,10 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxbig.config import ModelConfig
-from jaxbig.models.llama import attend  # jaxbig's attention op (a pure JAX function), for the like-for-like baseline
+from jaxbig.models.llama import attend, rope_frequencies, rope_table  # jaxbig's ops (pure JAX functions), for the like-for-like baseline
 
 Params = dict[str, Any]
 
@@ -91,11 +92,15 @@ def mlp(x_BTD: jax.Array, p: Params, fused: bool = False) -> jax.Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, like_jaxbig: bool = False) -> jax.Array:
     """Logits [B, T, V] in float32 for every position of `tokens_BT`; `like_jaxbig`: attention by jaxbig's op for `cfg`,
-    and its MLP layout (`model.fused_mlp`)."""
+    its MLP layout (`model.fused_mlp`) and its RoPE table (`jaxbig.models.llama.rope_table`)."""
     op = cfg.attention_impl() if like_jaxbig else "autodiff"
     dt = jnp.dtype(cfg.compute_dtype())
     T = tokens_BT.shape[1]
-    sin_Tk, cos_Tk = rope_tables(T, cfg.head_dim, cfg.rope_theta)
+    if like_jaxbig:  # jaxbig's RoPE table: sin/cos computed on the host, a constant of the program
+        sin_1Tk, cos_1Tk = rope_table(np.arange(T)[None], rope_frequencies(cfg))
+        sin_Tk, cos_Tk = sin_1Tk[0], cos_1Tk[0]
+    else:
+        sin_Tk, cos_Tk = rope_tables(T, cfg.head_dim, cfg.rope_theta)
     causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
     x_BTD = jnp.take(params["embed_VD"], tokens_BT, axis=0).astype(dt)
 
@@ -126,7 +131,8 @@ def make_step(cfg: ModelConfig, tx: optax.GradientTransformation, compiler_optio
     """`step(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`, jitted, params and opt_state donated.
 
     `compiler_options`: XLA options for the jit (None: XLA's defaults, what a plain script gets). `like_jaxbig`: the
-    attention op jaxbig uses for `cfg` (its own backward, or dot_product), so only the framework differs."""
+    attention op jaxbig uses for `cfg` (its own backward, or dot_product), its MLP layout and RoPE table, so only the
+    framework differs."""
 
     def step(params: Params, opt_state: optax.OptState, inputs_BT: jax.Array, targets_BT: jax.Array):
         loss, grads = jax.value_and_grad(loss_fn)(params, cfg, inputs_BT, targets_BT, like_jaxbig)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxbig.config import ModelConfig
 from jaxbig.models import abstract_model, create_model
 from jaxbig.models.decode import generate, sample_logits
-from jaxbig.models.llama import init_cache
+from jaxbig.models.llama import init_cache, rope_frequencies, rope_table
 from tests.numerics import U_BF16, assert_close, assert_near_argmax, backward_chain, forward_chain, gamma, tolerance
 
 CFG = ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
@@ -145,6 +145,34 @@ def test_fused_mlp_runs_one_matmul_for_gate_and_up():
     B, T = tokens.shape
     assert len(separate) - len(fused) == 1  # per layer (the scan body): gate and up became one
     assert str((B, T, 2, CFG.d_ff)) in fused and str((B, T, 2, CFG.d_ff)) not in separate
+
+
+def test_rope_table_is_a_host_constant_with_default_positions():
+    """Default positions: RoPE's sin/cos are a constant of the program (no sin/cos traced), equal to the traced table.
+
+    Given positions (packed rows, decoding) still trace sin/cos. Tolerance: the constant is correctly rounded from the
+    same float32 angles; XLA's float32 sin/cos are accurate to about 1 ulp. Both lie in [-1, 1], where an ulp is at
+    most 2^-24, so 4 ulps (2^-22) bounds the difference whatever CPU XLA compiles for (measured here: 2^-24).
+    """
+    tokens = _tokens()
+    B, T = tokens.shape
+    graphdef, params = nnx.split(create_model(CFG, 0))
+
+    def transcendentals(*args):
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens, *args))(params)
+        return [e.primitive.name for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name in ("sin", "cos")]
+
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    assert transcendentals() == []
+    assert sorted(set(transcendentals(positions_BT))) == ["cos", "sin"]
+    model = nnx.merge(graphdef, params)
+    assert_close(model(tokens), model(tokens, positions_BT), forward_chain(CFG, B, T))  # one more rounding (sin/cos) is within the chain's
+
+    inv_freq_k = rope_frequencies(CFG)
+    positions_1T = np.arange(CFG.max_seq_len, dtype=np.int32)[None]
+    for constant, traced in zip(rope_table(positions_1T, inv_freq_k), jax.jit(rope_table)(jnp.asarray(positions_1T), inv_freq_k)):
+        assert isinstance(constant, jax.Array) and constant.shape == (1, CFG.max_seq_len, CFG.head_dim // 2)
+        np.testing.assert_allclose(np.asarray(constant), np.asarray(traced), rtol=0, atol=2.0**-22)
 
 
 def _all_eqns(jaxpr):

@@ -2,10 +2,11 @@
 
 The model holds its blocks stacked on a leading `layers` axis and hands them to a *layer
 runner*, `run(body, layers, x_BTD, side)`: `body(layer, x_BTD, side) -> x_BTD` applies one
-layer, `layers` is the stacked params (leading axis L), `side` is per-row data every layer
-reads (positions, segment ids). The plain runners live here; a pipeline schedule over a mesh
-axis (`jaxbig.parallel.pipeline.pipeline_layers`) is another runner the mesh layer builds, so
-the model never names a mesh axis.
+layer, `layers` is the stacked params (leading axis L), `side` is data every layer reads
+(positions, segment ids, the RoPE table), per row [B, ...] or [1, ...] when all rows share
+it. The plain runners live here; a pipeline schedule over a mesh axis
+(`jaxbig.parallel.pipeline.pipeline_layers`) is another runner the mesh layer builds, so the
+model never names a mesh axis.
 """
 
 from __future__ import annotations

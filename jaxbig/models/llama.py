@@ -136,10 +136,30 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_k: np.ndarray | jax.Array) -> jax.Array:
-    """Rotary embedding, rotate-half convention (Llama/HF), computed in float32; `inv_freq_k` from `rope_frequencies`."""
+RopeTable = tuple[jax.Array, jax.Array]  # sin, cos [B, T, K/2] float32; B is 1 when every row has the same positions
+
+
+def rope_table(positions_BT: jax.Array | np.ndarray, inv_freq_k: np.ndarray) -> RopeTable:
+    """RoPE's sin and cos at `positions_BT` ([1, T] for positions shared by all rows), float32; `inv_freq_k` from `rope_frequencies`.
+
+    The model builds it once per forward and hands it to every layer. Positions known at trace time (a
+    numpy array: the default 0..T-1) give a constant, computed here on the host, so no sin or cos runs in
+    the step: XLA fuses a traced table into each op that reads it and evaluates sin/cos once per element
+    read, B·H times per table entry in every layer, forward and backward. The constant takes sin/cos of
+    the same float32 angles, correctly rounded (in float64, then float32), so it differs from the traced
+    table by XLA's own sin/cos error (a few float32 ulps).
+    """
+    if isinstance(positions_BT, np.ndarray):
+        angles_BTk = positions_BT[..., None].astype(np.float32) * np.asarray(inv_freq_k, np.float32)[None, None, :]
+        angles_BTk = angles_BTk.astype(np.float64)
+        return jnp.asarray(np.sin(angles_BTk), jnp.float32), jnp.asarray(np.cos(angles_BTk), jnp.float32)
     angles_BTk = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_k, jnp.float32)[None, None, :]
-    sin, cos = jnp.sin(angles_BTk)[:, :, None, :], jnp.cos(angles_BTk)[:, :, None, :]
+    return jnp.sin(angles_BTk), jnp.cos(angles_BTk)
+
+
+def rope(x_BTHK: jax.Array, table: RopeTable) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Llama/HF), computed in float32 from `rope_table`'s sin and cos."""
+    sin, cos = table[0][:, :, None, :], table[1][:, :, None, :]
     x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTHK.dtype)
@@ -219,7 +239,8 @@ class Attention(nnx.Module):
         self.cfg = cfg  # static: RoPE's frequencies are computed from it at trace time
         self.attention = cfg.attention_impl()  # auto resolved for the backend
 
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None, rope_BTk: RopeTable | None = None):
+        """`rope_BTk`: `rope_table(positions_BT, ...)`, built once by the caller for all layers; None builds it here."""
         dt = x_BTD.dtype
         q_BTHK = dense("BTD,DHK->BTHK", x_BTD, self.wq_DHK[...])
         k_BTNK = dense("BTD,DNK->BTNK", x_BTD, self.wk_DNK[...])
@@ -228,9 +249,10 @@ class Attention(nnx.Module):
             q_BTHK = q_BTHK + self.q_bias_HK[...].astype(dt)[None, None]
             k_BTNK = k_BTNK + self.k_bias_NK[...].astype(dt)[None, None]
             v_BTNK = v_BTNK + self.v_bias_NK[...].astype(dt)[None, None]
-        inv_freq_k = rope_frequencies(self.cfg)
-        q_BTHK = constrain(rope(q_BTHK, positions_BT, inv_freq_k), ("activation_batch", "activation_length", "activation_heads", None))
-        k_BTNK = constrain(rope(k_BTNK, positions_BT, inv_freq_k), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        if rope_BTk is None:
+            rope_BTk = rope_table(positions_BT, rope_frequencies(self.cfg))
+        q_BTHK = constrain(rope(q_BTHK, rope_BTk), ("activation_batch", "activation_length", "activation_heads", None))
+        k_BTNK = constrain(rope(k_BTNK, rope_BTk), ("activation_batch", "activation_length", "activation_kv_heads", None))
 
         if cache is None:
             k_BSNK, v_BSNK, key_pos_BS = k_BTNK, v_BTNK, positions_BT
@@ -301,8 +323,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None, rope_BTk: RopeTable | None = None):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache, segment_ids_BT, rope_BTk)
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, _ACT_BTD), cache
@@ -350,9 +372,11 @@ class Llama(nnx.Module):
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype())
-        B, T = tokens_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        T = tokens_BT.shape[1]
+        if positions_BT is None:  # [1, T]; known at trace time unless T is symbolic (jax.export), then the table is a constant
+            positions_BT = np.arange(T, dtype=np.int32)[None] if isinstance(T, int) else jnp.arange(T, dtype=jnp.int32)[None]
+        rope_BTk = rope_table(positions_BT, rope_frequencies(cfg))  # once per forward, shared by every layer
+        positions_BT = jnp.asarray(positions_BT)
         x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt), _ACT_BTD)
 
         graphdef, layers = nnx.split(self.blocks)
@@ -362,18 +386,18 @@ class Llama(nnx.Module):
 
             @remat
             def body(layer, x_BTD, side):
-                positions_BT, segment_ids_BT = side
-                return nnx.merge(graphdef, layer)(x_BTD, positions_BT, None, segment_ids_BT)[0]
+                positions_BT, segment_ids_BT, rope_BTk = side
+                return nnx.merge(graphdef, layer)(x_BTD, positions_BT, None, segment_ids_BT, rope_BTk)[0]
 
             if run_layers is scan_layers and not cfg.scan_layers:  # the plain runner, unrolled (a pipeline keeps its schedule)
                 run_layers = unrolled_layers
-            x_BTD = run_layers(body, layers, x_BTD, (positions_BT, segment_ids_BT))
+            x_BTD = run_layers(body, layers, x_BTD, (positions_BT, segment_ids_BT, rope_BTk))
         else:
 
             @remat
             def body_cached(x_BTD, layer):
                 params, layer_cache = layer
-                return nnx.merge(graphdef, params)(x_BTD, positions_BT, layer_cache)
+                return nnx.merge(graphdef, params)(x_BTD, positions_BT, layer_cache, None, rope_BTk)
 
             x_BTD, cache = jax.lax.scan(body_cached, x_BTD, (layers, cache))
 

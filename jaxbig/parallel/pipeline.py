@@ -233,7 +233,8 @@ def _stage(body: LayerBody, stage_w: Any, r: jax.Array, x: jax.Array, side: Any)
 def pipeline_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any, *, mesh: Mesh, microbatches: int, repeats: int = 1) -> jax.Array:
     """The layers run as a GPipe (repeats=1) or circular (repeats>1) schedule over the mesh's pipeline axis.
 
-    Same result as `scan_layers(body, layers, x_BTD, side)`; `side` leaves are per-row [B, ...].
+    Same result as `scan_layers(body, layers, x_BTD, side)`; `side` leaves are per-row [B, ...], or
+    [1, ...] when shared by all rows (broadcast to [B, ...] here, before the split into microbatches).
     Runs under `jax.shard_map` manual over `pipeline` only: data, fsdp and tensor stay automatic,
     so the layer body keeps its tensor-parallel and batch shardings.
     """
@@ -241,7 +242,8 @@ def pipeline_layers(body: LayerBody, layers: Any, x_BTD: jax.Array, side: Any, *
     dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     chunk_of = m // p  # microbatches each stage holds before and after the schedule
     xs = _to_microbatches(x_BTD, m, p, dp)  # [m, b, T, D]
-    sides = jax.tree.map(lambda a: _to_microbatches(a, m, p, dp), side)
+    B = x_BTD.shape[0]
+    sides = jax.tree.map(lambda a: _to_microbatches(jnp.broadcast_to(a, (B, *a.shape[1:])), m, p, dp), side)
     stage_fn = jax.checkpoint(functools.partial(_stage, body), policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     # GPipe only shifts forward; circular closes the ring so the last stage feeds stage 0.
     shift = [(i, i + 1) for i in range(p - 1)] + ([(p - 1, 0)] if v > 1 else [])
