@@ -373,7 +373,7 @@ class Llama(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype())
         T = tokens_BT.shape[1]
-        if positions_BT is None:  # [1, T]; known at trace time unless T is symbolic (jax.export), then the table is a constant
+        if positions_BT is None:  # [1, T], known at trace time (so the RoPE table is a host constant) unless T is symbolic (jax.export)
             positions_BT = np.arange(T, dtype=np.int32)[None] if isinstance(T, int) else jnp.arange(T, dtype=jnp.int32)[None]
         rope_BTk = rope_table(positions_BT, rope_frequencies(cfg))  # once per forward, shared by every layer
         positions_BT = jnp.asarray(positions_BT)
