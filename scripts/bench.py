@@ -42,14 +42,15 @@ overhead over calling the SavedModel in-process; writes the `bench:serving` sect
 The same load with model monitoring off, on, and on with 1% request logging, alternating (benchmarks/monitoring.py);
 writes the `bench:monitoring` section.
 
-    python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30]
+    python scripts/bench.py --perf [--config tiny small d512] [--meshes 1x1 4x2] [--steps 30] [--rounds 2]
     python scripts/bench.py --perf --check [--margin 0.15]
 
 Training speed (see benchmarks/perf.py): for each config and mesh, one `scripts/train.py`
 process: tokens/s, model GFLOP/s, MFU, step-time median and spread, compile time, time to first
-step, peak host memory; tiny's time to first step with a cold and a warm compilation cache; the
-hand-written step and the PyTorch eager peer on the same shapes. Writes `bench:perf`. With
---check, exits 1 when a run is more than --margin below the recorded baseline (writes nothing).
+step, peak host memory; one device in --rounds rounds against the PyTorch eager peer on the same
+shape, alternating which process runs first; tiny's time to first step with a cold and a warm
+compilation cache; the hand-written step. Writes this CPU model's `bench:perf:<cpu>` section. With
+--check, exits 1 when a run is more than --margin below this CPU's recorded baseline (writes nothing).
 
     python scripts/bench.py --profiles [--config small d512]
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="--serving: length of each load run")
     parser.add_argument("--clients", type=int, default=8, help="--serving: concurrent clients (half REST, half gRPC)")
     parser.add_argument("--monitoring", action="store_true", help="serving with model monitoring off vs on (p50/p99 at --clients, --seconds per run)")
-    parser.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the off/on set-ups, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the off/on set-ups; --perf: rounds of jaxbig against the PyTorch peer; both alternating which runs first")
     parser.add_argument("--runtimes", nargs="+", default=["tf", "onnx"], choices=("tf", "onnx"), help="--serving: the embedded server's runtimes to load (TF, ONNX Runtime)")
     args = parser.parse_args(argv)
     if args.data:
