@@ -54,7 +54,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype: float32, bfloat16 (params stay float32), or auto: the measured choice per backend (bfloat16 on GPU/TPU)
     param_dtype: str = "float32"  # storage dtype of the params
     remat: str = "none"  # activation checkpointing per layer: none, minimal (save matmul outputs; alias dots) or full
-    attention: str = "auto"  # einsum (written out; fastest on CPU), dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), or auto: dot_product on GPU, einsum elsewhere (jaxbig.xla_options.AUTO_ATTENTION)
+    attention: str = "auto"  # einsum (written out; fastest on CPU), dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs in bf16/fp16, else XLA's; jaxbig.models.llama.dot_product_kernel), or auto: dot_product on GPU, einsum elsewhere (jaxbig.xla_options.AUTO_ATTENTION)
     scan_layers: bool = False  # false: layers unrolled (fastest at a few layers); true: lax.scan over them (compile time flat in depth)
     fused_mlp: bool = True  # gate and up projections as one [D, 2, F] matmul at trace time (MaxText's fused_mlp); params stay two matrices
     init_std: float = 0.02  # std of the normal init of every weight matrix

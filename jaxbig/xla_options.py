@@ -54,8 +54,9 @@ AUTO_SEQUENCE_PARALLEL: dict[str, dict[str, str]] = {"cpu": {"float32": "ynn_red
 # (GPU tensor cores, TPU MXU). CPU stays float32: bf16 pays only on CPUs with AMX or AVX512-BF16 and
 # changes the numerics every equivalence test pins; set model.dtype=bfloat16 there (README, Speed).
 AUTO_DTYPE: dict[str, str] = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
-# Attention for model.attention=auto, per backend. GPU: jax.nn.dot_product_attention, which JAX runs as cuDNN's fused
-# (flash) attention where it applies; not measured here (no GPU). CPU: einsum, written out with jaxbig's own backward
+# Attention for model.attention=auto, per backend. GPU: jax.nn.dot_product_attention with cuDNN's fused (flash)
+# attention named where it applies (jaxbig.models.llama.dot_product_kernel); measured on an H200, llama_125m shape,
+# bf16: 2.7x einsum's step (docs/benchmarks.md, "Attention kernels on a GPU"). CPU: einsum, written out with jaxbig's own backward
 # (jaxbig.models.llama.attend), measured 2-6% faster than autodiff's (docs/benchmarks.md). TPU: einsum, unmeasured
 # (dot_product there is XLA's own attention, no fused kernel).
 AUTO_ATTENTION: dict[str, str] = {"cpu": "einsum", "gpu": "dot_product", "tpu": "einsum"}

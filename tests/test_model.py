@@ -213,6 +213,46 @@ def test_params_carry_logical_axes_only():
     assert not names & {"data", "fsdp", "tensor"}
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU (run with JAX_PLATFORMS=cuda; passed on an H200, docs/benchmarks.md)")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cudnn_attention_matches_attend_on_gpu(kv_heads):
+    """`model.attention=dot_product` on a GPU in bfloat16 is cuDNN's fused attention (named: JAX's own default is XLA's),
+    and gives `attend`'s outputs and gradients, causal and packed masks and grouped-query heads included."""
+    from jaxbig.models.llama import Attention, attend, dot_product_kernel
+
+    heads, B, T, K, dtype = 4, 2, 64, 64, jnp.bfloat16
+    assert dot_product_kernel(jax.default_backend(), dtype, K) == "cudnn"
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, T, heads, K)).astype(dtype)
+    k, v = (jax.random.normal(kk, (B, T, kv_heads, K)).astype(dtype) for kk in keys[1:3])
+    w = jax.random.normal(keys[3], (B, T, heads, K))
+    segments_BT = jnp.asarray([[0] * 24 + [1] * 40, [0] * 64])
+    pos_T = jnp.arange(T)
+    mask_BTS = (pos_T[None, :] <= pos_T[:, None])[None] & (segments_BT[:, :, None] == segments_BT[:, None, :])
+
+    def fused(q, k, v):
+        return Attention._dot_product(q, k, v, segments_BT, "cudnn")
+
+    def mine(q, k, v):
+        return attend(q, k, v, mask_BTS)
+
+    assert "__cudnn$fmha" in jax.jit(fused).lower(q, k, v).compile().as_text()
+
+    def loss(f, q, k, v):
+        return jnp.sum(f(q, k, v).astype(jnp.float32) * w)
+
+    # The bounds of test_attention_backward_matches_autodiff below, bfloat16 case: both sides sum in float32 and round
+    # the probs and the output to bfloat16 (cuDNN's online softmax rescales in float32, within the float32 term).
+    n_fwd = K + 2 * T
+    out, out_ref = fused(q, k, v).astype(jnp.float32), mine(q, k, v).astype(jnp.float32)
+    assert_close(out, out_ref, n_fwd, atol=2 * 2 * U_BF16 * float(jnp.abs(out_ref).max()))
+    got = jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(mine, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", got, want):
+        scale = float(jnp.abs(r.astype(jnp.float32)).max())
+        assert_close(g.astype(jnp.float32), r.astype(jnp.float32), 2 * n_fwd + T, atol=2 * 4 * U_BF16 * scale, err_msg=name)
+
+
 @pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, jnp.float32), (4, 2, jnp.float32), (4, 2, jnp.bfloat16)])
 def test_attention_backward_matches_autodiff(heads, kv_heads, dtype):
     """`attend`'s hand-written backward (no transposed [T, S] matrices) gives autodiff's gradients, masks included."""

@@ -29,11 +29,25 @@ def test_bad_speed_options_are_refused_by_name():
     assert compiler_options("auto", "cpu", "bfloat16") == PROFILES["cpu"][AUTO["cpu"]["bfloat16"]]
     model = load_config(None, []).model
     assert model.dtype == "auto" and model.compute_dtype("gpu") == model.compute_dtype("tpu") == "bfloat16"
-    # attention=auto: cuDNN's fused attention on GPU (unmeasured here), the measured fastest (einsum) on CPU.
+    # attention=auto: dot_product on GPU (cuDNN's fused attention, test below), the measured fastest (einsum) on CPU.
     assert model.attention == "auto" and model.attention_impl("gpu") == "dot_product" and model.attention_impl("cpu") == "einsum"
     assert model.attention_impl() == "einsum" and dataclasses.replace(model, attention="dot_product").attention_impl("cpu") == "dot_product"
     assert model.compute_dtype() == AUTO_DTYPE["cpu"]  # these tests run on the CPU backend
     assert load_config(None, ["model.dtype=float32"]).model.compute_dtype("gpu") == "float32"  # an explicit dtype wins
+
+
+def test_dot_product_names_cudnn_only_where_cudnn_takes_the_call():
+    """JAX's own `implementation=None` is XLA's attention on GPUs too, so jaxbig names cuDNN: GPU, bf16/fp16, head_dim
+    a multiple of 8 up to 128; never under `portable_attention()` (the export lowers one module for CPU and CUDA)."""
+    from jaxbig.models.llama import dot_product_kernel, portable_attention
+
+    assert dot_product_kernel("gpu", jnp.bfloat16, 128) == dot_product_kernel("gpu", jnp.float16, 64) == "cudnn"
+    assert dot_product_kernel("gpu", jnp.float32, 64) == "xla"  # cuDNN's flash kernel takes half precision only
+    assert dot_product_kernel("gpu", jnp.bfloat16, 256) == dot_product_kernel("gpu", jnp.bfloat16, 60) == "xla"
+    assert dot_product_kernel("cpu", jnp.bfloat16, 64) == dot_product_kernel("tpu", jnp.bfloat16, 64) == "xla"
+    with portable_attention():
+        assert dot_product_kernel("gpu", jnp.bfloat16, 64) == "xla"
+    assert dot_product_kernel("gpu", jnp.bfloat16, 64) == "cudnn"  # the block restores the choice
 
 
 def _compiled_step(profile: str):
@@ -100,11 +114,11 @@ def test_second_run_loads_its_steps_from_the_compilation_cache(repo, tmp_path, t
 
 
 def test_the_regression_check_fails_a_slow_run(tmp_path):
-    from benchmarks.perf import LoopRun, check, read_baseline
+    from benchmarks.perf import LoopRun, check, read_baseline, write_cpu_section
 
     doc = tmp_path / "benchmarks.md"
-    doc.write_text('text\n<!-- perf:baseline {"tiny@1x1": 8000, "small@4x2": 3000} -->\n')
-    baseline = read_baseline(doc)
+    write_cpu_section(doc, "AMD EPYC", 'text\n<!-- perf:baseline {"tiny@1x1": 8000, "small@4x2": 3000} -->')
+    baseline = read_baseline("AMD EPYC", doc)
 
     def run(config, mesh, tokens_per_s):
         return LoopRun(
@@ -115,8 +129,8 @@ def test_the_regression_check_fails_a_slow_run(tmp_path):
     assert check([run("tiny", "1x1", 7000), run("small", "4x2", 2900)], baseline, margin=0.15) == []
     slow = check([run("tiny", "1x1", 6000), run("small", "4x2", 2900), run("d512", "1x1", 10)], baseline, margin=0.15)
     assert slow == ["tiny@1x1: 6,000 tokens/s < 0.85 x baseline 8,000"]
-    with pytest.raises(ValueError, match="no `perf:baseline` line"):
-        read_baseline(tmp_path / "missing.md")
+    with pytest.raises(ValueError, match="no `perf:baseline` for CPU 'AMD EPYC'"):
+        read_baseline("AMD EPYC", tmp_path / "missing.md")
 
 
 def test_perf_report_divides_bfloat16_rows_by_the_bfloat16_peak():
@@ -218,3 +232,18 @@ def test_sequence_parallel_steps_avoid_the_profiles_xla_cannot_compile_them_with
     with pytest.raises(ConfigError, match="cannot compile a sequence-parallel step"):
         train(load_config(None, [*sets, "compile.xla_profile=ynn_all", f"train.run_dir={tmp_path / 'named'}"]), progress=False)
     assert not (tmp_path / "named").exists()
+
+
+def test_attention_kernels_benchmark_names_xla_on_cpu(capsys):
+    """`python -m benchmarks.attention_kernels` (the GPU measurement in docs/benchmarks.md) runs here, smaller: on CPU
+    every dot_product row is XLA's attention (no cuDNN call)."""
+    from benchmarks import attention_kernels
+
+    assert attention_kernels.main(["--config", "tiny", "--batch", "1", "--seq-len", "32", "--steps", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].strip() for r in rows] == [name for name, _, _ in attention_kernels.KERNELS]
+    assert [r[1].strip() for r in rows] == ["-", "xla", "xla"] and all(r[2].strip() == "0" for r in rows)
+    # All three rows train the same fresh model (tests/test_model.py::test_speed_options_compute_the_same_model checks
+    # einsum against dot_product within float32 bounds): a loss near log V, the near-uniform start.
+    vocab = load_config(None, []).model.vocab_size
+    assert all(abs(float(r[7]) - np.log(vocab)) < 0.5 for r in rows)

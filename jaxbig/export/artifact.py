@@ -31,7 +31,7 @@ from jax import export
 from jaxbig.compress.quantize import DYNAMIC_METHODS, dynamic_int8_einsum, llama_rules, weight_operand
 from jaxbig.config import ModelConfig
 from jaxbig.models.decode import sample_logits
-from jaxbig.models.llama import init_cache, use_dense
+from jaxbig.models.llama import init_cache, portable_attention, use_dense
 from jaxbig.models.paths import nest, to_flat
 
 PLATFORMS = ("cpu", "cuda")
@@ -69,7 +69,8 @@ def dense_fn(quantize: str):
 def make_forward(graphdef: nnx.GraphDef, names: list[str], quantize: str = "none"):
     def forward(leaves, tokens_BT):
         model = nnx.merge(graphdef, _params_from_leaves(names, leaves, quantize))
-        with use_dense(dense_fn(quantize)):  # read while tracing, so it lands in the exported module
+        # Read while tracing, so they land in the exported module; one module for CPU and CUDA, so no cuDNN call.
+        with use_dense(dense_fn(quantize)), portable_attention():
             return model(tokens_BT)
 
     return forward
@@ -86,7 +87,7 @@ def make_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, names: list[str], qu
     S = cfg.max_seq_len
 
     def generate(leaves, prompt_BP, max_new_tokens, temperature, seed):
-        with use_dense(dense_fn(quantize)):  # the while loop's body is traced inside this block too
+        with use_dense(dense_fn(quantize)), portable_attention():  # the while loop's body is traced inside this block too
             return _generate(leaves, prompt_BP, max_new_tokens, temperature, seed)
 
     def _generate(leaves, prompt_BP, max_new_tokens, temperature, seed):

@@ -95,6 +95,33 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return x if fn is None else fn(x, logical)
 
 
+# `model.attention=dot_product` calls `jax.nn.dot_product_attention`. Left to choose
+# (`implementation=None`), JAX runs XLA's unfused softmax(QK^T)V on every backend, GPUs included
+# (jax/_src/nn/functions.py: "defaults to XLA for now"), so cuDNN's fused flash attention must be
+# named. It is named where cuDNN takes the call: a GPU backend, bfloat16 or float16, head_dim a
+# multiple of 8 up to 128 (cuDNN's flash kernel; JAX's own check allows 256 on Hopper, 128 below).
+# Anything else, or a block under `portable_attention()` (the export, which lowers for CPU and CUDA
+# at once and so must not embed a cuDNN call), gets XLA's. Read at trace time, like `dense`.
+_PORTABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxbig_portable_attention", default=False)
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+@contextlib.contextmanager
+def portable_attention() -> Iterator[None]:
+    """`dot_product` attention traced inside this block is XLA's on every backend (no cuDNN custom call)."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+def dot_product_kernel(backend: str, dtype: Any, head_dim: int) -> str:
+    """The `implementation` jaxbig passes to `jax.nn.dot_product_attention`: "cudnn" or "xla" (see above)."""
+    cudnn = backend == "gpu" and jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if cudnn and not _PORTABLE.get() else "xla"
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any, logical: tuple[str, ...]) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
     return nnx.Param(value, out_sharding=logical)
@@ -238,6 +265,7 @@ class Attention(nnx.Module):
         self.qkv_bias = cfg.qkv_bias
         self.cfg = cfg  # static: RoPE's frequencies are computed from it at trace time
         self.attention = cfg.attention_impl()  # auto resolved for the backend
+        self.backend = jax.default_backend()  # where dot_product may name cuDNN (`dot_product_kernel`)
 
     def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None, rope_BTk: RopeTable | None = None):
         """`rope_BTk`: `rope_table(positions_BT, ...)`, built once by the caller for all layers; None builds it here."""
@@ -266,7 +294,8 @@ class Attention(nnx.Module):
             k_BSNK, v_BSNK = k_BSNK.astype(dt), v_BSNK.astype(dt)
 
         if self.attention == "dot_product" and cache is None:  # training/eval: keys are the queries' own sequence
-            y_BTD = dense("BTHK,HKD->BTD", self._dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT), self.wo_HKD[...])
+            kernel = dot_product_kernel(self.backend, q_BTHK.dtype, q_BTHK.shape[-1])
+            y_BTD = dense("BTHK,HKD->BTD", self._dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT, kernel), self.wo_HKD[...])
             return y_BTD, cache
         causal_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
         if segment_ids_BT is not None:  # packed rows: a token sees only its own document
@@ -276,17 +305,17 @@ class Attention(nnx.Module):
         return y_BTD, cache
 
     @staticmethod
-    def _dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT):
+    def _dot_product(q_BTHK, k_BSNK, v_BSNK, segment_ids_BT, kernel: str = "xla"):
         """`jax.nn.dot_product_attention`, causal by sequence index (positions only rotate q and k).
 
-        On GPUs JAX picks cuDNN's fused (flash) attention where it applies; elsewhere XLA's. Packed
-        rows add a same-segment mask; within a segment index order is position order, so this
-        equals the einsum path's position-based mask.
+        `kernel` from `dot_product_kernel`: "cudnn" (fused flash attention) on GPUs where it applies,
+        "xla" elsewhere. Packed rows add a same-segment mask; within a segment index order is position
+        order, so this equals the einsum path's position-based mask.
         """
         mask_B1TS = None
         if segment_ids_BT is not None:
             mask_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(q_BTHK, k_BSNK, v_BSNK, mask=mask_B1TS, is_causal=True)
+        return jax.nn.dot_product_attention(q_BTHK, k_BSNK, v_BSNK, mask=mask_B1TS, is_causal=True, implementation=kernel)
 
 
 class MLP(nnx.Module):
