@@ -213,6 +213,19 @@ def test_params_carry_logical_axes_only():
     assert not names & {"data", "fsdp", "tensor"}
 
 
+def _attention_inputs(heads: int, kv_heads: int, dtype, B: int, T: int, K: int, first_segment: int):
+    """Random q [B, T, heads, K], k and v [B, T, kv_heads, K] in `dtype`, output weights w (float32) for a scalar loss,
+    segment ids (row 0 packs two documents split at `first_segment`, row 1 is one) and the causal same-segment mask."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, T, heads, K)).astype(dtype)
+    k, v = (jax.random.normal(kk, (B, T, kv_heads, K)).astype(dtype) for kk in keys[1:3])
+    w = jax.random.normal(keys[3], (B, T, heads, K))
+    segments_BT = jnp.asarray([[0] * first_segment + [1] * (T - first_segment), [0] * T])
+    pos_T = jnp.arange(T)
+    mask_BTS = (pos_T[None, :] <= pos_T[:, None])[None] & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    return q, k, v, w, segments_BT, mask_BTS
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU (run with JAX_PLATFORMS=cuda; passed on an H200, docs/benchmarks.md)")
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cudnn_attention_matches_attend_on_gpu(kv_heads):
@@ -222,13 +235,7 @@ def test_cudnn_attention_matches_attend_on_gpu(kv_heads):
 
     heads, B, T, K, dtype = 4, 2, 64, 64, jnp.bfloat16
     assert dot_product_kernel(jax.default_backend(), dtype, K) == "cudnn"
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (B, T, heads, K)).astype(dtype)
-    k, v = (jax.random.normal(kk, (B, T, kv_heads, K)).astype(dtype) for kk in keys[1:3])
-    w = jax.random.normal(keys[3], (B, T, heads, K))
-    segments_BT = jnp.asarray([[0] * 24 + [1] * 40, [0] * 64])
-    pos_T = jnp.arange(T)
-    mask_BTS = (pos_T[None, :] <= pos_T[:, None])[None] & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    q, k, v, w, segments_BT, mask_BTS = _attention_inputs(heads, kv_heads, dtype, B, T, K, first_segment=24)
 
     def fused(q, k, v):
         return Attention._dot_product(q, k, v, segments_BT, "cudnn")
@@ -259,13 +266,7 @@ def test_attention_backward_matches_autodiff(heads, kv_heads, dtype):
     from jaxbig.models.llama import attend
 
     B, T, K = 2, 16, 8
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (B, T, heads, K)).astype(dtype)
-    k, v = (jax.random.normal(kk, (B, T, kv_heads, K)).astype(dtype) for kk in keys[1:3])
-    w = jax.random.normal(keys[3], (B, T, heads, K))
-    segments_BT = jnp.asarray([[0] * 6 + [1] * 10, [0] * 16])
-    pos_T = jnp.arange(T)
-    mask_BTS = (pos_T[None, :] <= pos_T[:, None])[None] & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    q, k, v, w, segments_BT, mask_BTS = _attention_inputs(heads, kv_heads, dtype, B, T, K, first_segment=6)
 
     def plain(q, k, v):  # the same attention, left to autodiff
         G = heads // kv_heads
