@@ -120,11 +120,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, like_jaxbig:
 
 
 def loss_fn(params: Params, cfg: ModelConfig, inputs_BT: jax.Array, targets_BT: jax.Array, like_jaxbig: bool = False) -> jax.Array:
-    """Mean next-token cross-entropy in nats per token."""
+    """Mean next-token cross-entropy in nats per token: optax's, as a script that takes its optimizer from optax
+    would write it (and as jaxbig does; written out as logsumexp minus the target's logit, the same math traced in
+    another order gave XLA:CPU's scheduler another op order, see tests/test_handwritten.py)."""
     logits_BTV = forward(params, cfg, inputs_BT, like_jaxbig)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[:, :, None], axis=-1)[:, :, 0]
-    return jnp.mean(logz_BT - target_logit_BT)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
 
 
 def make_step(cfg: ModelConfig, tx: optax.GradientTransformation, compiler_options: dict | None = None, *, like_jaxbig: bool = False):

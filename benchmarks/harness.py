@@ -3,16 +3,17 @@
 For each config both steps start from the same params and optimizer state and see the same
 batches: real corpus windows from `jaxbig.data` (the first 4 MiB of the corpus), placed on
 the device before the clock starts, so input loading is not timed. Each step runs once to
-compile (timed: the first-step time) and once more to warm up; then timed rounds alternate
-between the two, the order flipped every round, each round `steps` steps ended by
-`block_until_ready`. Throughput is the median over rounds; MFU is against the matmul peak
-measured in the same process.
+compile (timed: the first-step time), once more to warm up, and for one untimed round; then
+timed rounds alternate between them, the order flipped every round, each round `steps` steps
+ended by `block_until_ready`. Throughput is the median over rounds; MFU is against the matmul
+peak measured in the same process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import re
@@ -56,8 +57,10 @@ says what a user gains by using jaxbig's defaults, not whether the framework cos
 MFU = tokens/s x `ModelConfig.flops_per_token(T)` / the peak for the compute dtype (on CPU a 2048² matmul
 measured in the same process with the step's XLA options). Re-run with `make bench` or `python scripts/bench.py`
 on a quiet machine. The ratio is the median over rounds of the ratio within each round (both steps timed back to
-back), printed with its quartiles: on this project's shared 2-core VM single rounds scatter by 5-10%, so read
-a ratio whose quartiles straddle 1.00 as parity, not as a tax or a gain.
+back, about 0.5 s each), printed with a distribution-free 95% confidence interval for that median: on this
+project's shared 2-core VM single rounds scatter by about 3%, so read an interval that holds 1.00 as parity, not
+as a tax or a gain. `tests/test_handwritten.py` checks that the two like-for-like steps compile to the same ops in
+the same order, so the timing compares one program with itself plus jaxbig's framework around it.
 """
 
 
@@ -93,17 +96,38 @@ class Result:
         q1, _, q3 = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else (r[0], r[0], r[0])
         return statistics.median(r), q1, q3
 
+    def ratio_ci(self, baseline: str = "handwritten", level: float = 0.95) -> tuple[float, float]:
+        """A distribution-free `level` confidence interval for the median of `round_ratios`: the order statistics
+        the binomial(n, 1/2) law puts around it (no assumption about how a round's ratio scatters)."""
+        return median_ci(self.round_ratios(baseline), level)
+
     @property
     def ratio(self) -> float:
         return self.ratio_spread()[0]
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi): the k-th smallest and k-th largest of `values`, k the largest with P(Binomial(n, 1/2) < k) <=
+    (1 - level) / 2, so the true median lies between them with probability >= `level` (Conover, "Practical
+    Nonparametric Statistics", sign-test interval). With too few values for that, (min, max)."""
+    x, n = sorted(values), len(values)
+    below, k = 0.0, 0
+    while k < n and below + math.comb(n, k) / 2**n <= (1 - level) / 2:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return x[k - 1], x[n - k]
+
+
 def bench_config(
-    name: str, cfg: Config, *, steps: int | None, rounds: int, round_s: float = 4.0, clock_start: float | None = None
+    name: str, cfg: Config, *, steps: int | None, rounds: int, round_s: float = 0.5, clock_start: float | None = None
 ) -> tuple[Result, float | None]:
     """Times both steps on `cfg`; also returns seconds from `clock_start` to the first finished jaxbig step.
 
-    `steps` per round defaults to what fills about `round_s` seconds, judged from one warm step.
+    `steps` per round defaults to what fills about `round_s` seconds (at least one step), judged from one warm step.
+    Short rounds, many of them: on a shared VM the host's speed drifts over seconds, so two steps timed a fraction
+    of a second apart see nearly the same host and their ratio scatters less (2026-12-04, AMD EPYC, 40 rounds of one
+    step: interquartile range of the per-round ratio about 3%, against 5-10% with 8 rounds of about 4 s).
     """
     B, T = cfg.train.batch_size, cfg.data.seq_len
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
@@ -160,8 +184,18 @@ def bench_config(
         t = time.perf_counter()
         jax.block_until_ready(run[impl](batches[1]))
         warm_s.append(time.perf_counter() - t)
-    steps = steps or max(2, round(round_s / max(warm_s)))
-    batches = [next(stream) for _ in range(steps * rounds)]  # on the device before the clock starts
+    steps = steps or max(1, round(round_s / max(warm_s)))
+    batches = jax.block_until_ready([next(stream) for _ in range((rounds + 1) * steps)])  # on the device before the clock starts
+
+    # One untimed round first, each step `steps` times in round 0's order. With only the single warm step above, the
+    # first timed round was still settling (page faults on fresh buffers, the allocator growing): in two AMD EPYC
+    # runs of 2026-12-04 its tokens/s were 0.58-0.96 of the run's median for the step that went first (always
+    # jaxbig's), 0.74-1.04 for the second, which biased the paired ratio's median against jaxbig.
+    for impl in IMPLS:
+        for i in range(steps):
+            metrics = run[impl](batches[i])
+        jax.block_until_ready((metrics, state if impl == "jaxbig" else hand_state[impl]))
+    batches = batches[steps:]
 
     rates: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     final_loss = {}
@@ -242,17 +276,17 @@ def machine() -> str:
 
 def table(results: list[Result], peak: float) -> str:
     rows = [
-        "| config | params | batch B×T | jaxbig tokens/s | hand-written, like for like tokens/s | like-for-like ratio (quartiles over rounds) "
+        "| config | params | batch B×T | jaxbig tokens/s | hand-written, like for like tokens/s | like-for-like ratio (95% CI of the median) "
         "| out of the box: plain hand-written script tokens/s | out-of-the-box ratio | jaxbig MFU | first step (s) jaxbig / hand-written | of which compile (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         m, cfg = res.median, res.cfg
         flops = cfg.model.flops_per_token(cfg.data.seq_len)
-        ratio, q1, q3 = res.ratio_spread()
+        ratio, (lo, hi) = res.ratio, res.ratio_ci()
         rows.append(
             f"| {res.name} | {cfg.model.num_params() / 1e6:.2f}M | {cfg.train.batch_size}×{cfg.data.seq_len} "
-            f"| {m['jaxbig']:,.0f} | {m['handwritten']:,.0f} | **{ratio:.3f}** ({q1:.3f}–{q3:.3f}) | {m['handwritten-defaults']:,.0f} "
+            f"| {m['jaxbig']:,.0f} | {m['handwritten']:,.0f} | **{ratio:.3f}** ({lo:.3f}–{hi:.3f}) | {m['handwritten-defaults']:,.0f} "
             f"| {res.ratio_spread('handwritten-defaults')[0]:.2f}x | {mfu_cell(m['jaxbig'] * flops, peak)} "
             f"| {res.first_step_s['jaxbig']:.2f} / {res.first_step_s['handwritten']:.2f} "
             f"| {res.compile_s('jaxbig'):.2f} / {res.compile_s('handwritten'):.2f} |"
@@ -268,10 +302,10 @@ def report(results: list[Result], peak: float, *, command: str, to_first_step: f
         f"Machine: {machine()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",
         f"Peak (2048² float32 matmul with the step's XLA options, one device): {peak_text(peak)}  ",
         f"Method: one device; same initial params, optimizer and batches (real corpus windows from jaxbig.data, on the device before timing) for all three; "
-        + ", ".join(f"{len(r.rates['jaxbig'])} rounds of {r.steps} steps ({r.name})" for r in results)
+        + ", ".join(f"{len(r.rates['jaxbig'])} rounds of {r.steps} step{'s' * (r.steps != 1)} ({r.name})" for r in results)
         + ", alternating which goes first, "
-        "after one compile step (jaxbig's first) and one warm step each; tokens/s: medians over rounds; ratios: medians over rounds of the "
-        "ratio within each round (the two timed back to back, so the host's drift cancels), with its quartiles; like-for-like ratio = jaxbig / the hand-written "
+        "after one compile step (jaxbig's first), one warm step and one untimed round each; tokens/s: medians over rounds; ratios: medians over rounds of the "
+        "ratio within each round (the two timed back to back, so the host's drift cancels), with a distribution-free 95% confidence interval for that median (sign-test order statistics); like-for-like ratio = jaxbig / the hand-written "
         "step with jaxbig's attention op, XLA options and layer layout (target ≥ 1.00: no framework tax); out-of-the-box ratio = jaxbig / the "
         "hand-written step as a plain script gets it (autodiff attention, XLA's default options): not a framework comparison. "
         "First step = trace + compile + one step; compile = first step minus one steady step.  ",

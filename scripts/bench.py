@@ -1,6 +1,6 @@
 """Tokens/s and MFU of jaxbig's train step against a hand-written JAX step of the same model.
 
-    python scripts/bench.py [--config tiny small] [--steps N] [--repeats 8] [--no-write]
+    python scripts/bench.py [--config tiny small] [--steps N] [--repeats 40] [--no-write]
 
 One device, one process, alternating timed rounds (see benchmarks/harness.py). Prints the
 table and writes it to docs/benchmarks.md between the `bench:foundation` markers.
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", default=None, help="preset names (configs/NAME.yaml) or YAML paths (default: tiny small; --compression: small)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default: about 4 s worth); --compression: training steps (default 128)")
-    parser.add_argument("--repeats", type=int, default=8, help="timed rounds per implementation, alternating which goes first")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="timed rounds per implementation, alternating which goes first (default 40 rounds of about 0.5 s for the hand-written comparison, 8 for --profiles)",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {harness.DOC.relative_to(ROOT)}")
     parser.add_argument("--compression", action="store_true", help="the gradient-compression / DiLoCo benchmark instead")
     parser.add_argument("--data", action="store_true", help="the input-pipeline and checkpoint benchmark instead")
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the off/on set-ups; --perf: rounds of jaxbig against the PyTorch peer; both alternating which runs first")
     parser.add_argument("--runtimes", nargs="+", default=["tf", "onnx"], choices=("tf", "onnx"), help="--serving: the embedded server's runtimes to load (TF, ONNX Runtime)")
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 8 if args.profiles else 40
     if args.data:
         from benchmarks import data_ckpt
 

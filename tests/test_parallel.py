@@ -128,6 +128,19 @@ def test_constrain_is_noop_without_mesh():
     assert constrain(x, ("activation_batch", "activation_embed")) is x
 
 
+def test_constrain_traces_nothing_on_one_device_and_constrains_on_a_mesh():
+    """On one device a constraint has nothing to say, and tracing one changed XLA:CPU's schedule of the step
+    (tests/test_handwritten.py); on a mesh with an axis to split over, the constraint is in the program."""
+    from jaxbig.parallel.rules import constrain
+
+    def lowered(mesh):
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda x: constrain(x * 2, ("activation_batch", "activation_embed"))).lower(jnp.ones((8, 8))).as_text()
+
+    assert "sharding_constraint" not in lowered(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    assert "sharding_constraint" in lowered(make_mesh(MeshConfig(data=8)))
+
+
 def test_collective_bytes_reads_kind_size_and_axes_from_compiled_hlo():
     from jax.sharding import NamedSharding
 

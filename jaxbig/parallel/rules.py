@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -124,12 +125,18 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules: Sequence[tuple
     """Constrains an activation's sharding by logical names; a no-op outside `jax.set_mesh`.
 
     Axes a surrounding `shard_map` made manual (the pipeline's) are not constrained: inside it
-    an array is already one device's share along them.
+    an array is already one device's share along them. Where the axes left are all of size 1 (one
+    device) there is nothing to constrain, and none is traced: XLA would drop it from the program,
+    but on XLA:CPU it still changed the order in which the step's ops were scheduled (and with it
+    the buffer reuse), so a one-device step compiled to a different executable than the same
+    model written without constraints (`tests/test_handwritten.py`).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     auto = {k: v for k, v in mesh.shape.items() if k not in mesh.manual_axes}
+    if math.prod(auto.values()) == 1:
+        return x
     spec = logical_to_spec(logical, x.shape, auto, rules)
     return jax.lax.with_sharding_constraint(x, spec)
 
