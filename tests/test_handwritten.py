@@ -185,8 +185,8 @@ def test_framework_step_compiles_to_the_hand_written_matmuls():
     assert not (our_moves - their_moves), f"copies/transposes only jaxbig's step has: {our_moves - their_moves}"
     # The same ops in the same order: XLA:CPU's default scheduler breaks ties by the traced program's order, and a
     # different order reuses buffers differently. jaxbig's one-device activation constraints, though dropped from the
-    # program, used to give it another schedule (tiny: 162 against 167 MB of temporaries, and 2-5% slower in the
-    # benchmark's paired rounds on an AMD EPYC host); `jaxbig.parallel.rules.constrain` now traces none there.
+    # program, used to give it another schedule (tiny: 162 against 167 MB of temporaries; 1.6-5.9% slower in 7 of 8
+    # processes timed on an AMD EPYC host); `jaxbig.parallel.rules.constrain` now traces none there.
     our_schedule, their_schedule = _array_schedule(ours), _array_schedule(theirs)
     assert len(their_schedule) > 10 * cfg.model.num_layers, their_schedule  # the parse found the step's ops
     first = next((i for i, (a, b) in enumerate(zip(our_schedule, their_schedule)) if a != b), min(len(our_schedule), len(their_schedule)))
